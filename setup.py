@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="apa-fast",
+    version="0.1.0",
+    description="APA (Advantage-Induced Policy Alignment) with fused Triton kernels and a lean FSDP2 trainer",
+    python_requires=">=3.10",
+    packages=find_packages(include=["apa_fast", "apa_fast.*", "kernels", "kernels.*", "train", "train.*"]),
+    include_package_data=True,
+    package_data={"train": ["data/*", "data/**/*"]},
+    install_requires=[
+        "torch>=2.6",
+        "triton>=3.0",
+        "transformers>=4.45",
+        "datasets>=2.18",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "test": ["pytest>=7.4"],
+        "bench": ["pytest>=7.4", "pytest-benchmark>=4.0"],
+        "gpu": ["flash-attn>=2.5"],
+        "tensorboard": ["tensorboard>=2.14"],
+    },
+)
