@@ -1,0 +1,321 @@
+"""Triton kernels: token log-probs, entropy and the fused APA loss, straight from logits.
+
+Same interface as ``apa_fast._torch_logprobs`` (which fixes it); ``apa_fast.logprobs`` holds the
+autograd Functions and calls the launch helpers at the bottom of this file. No autograd here.
+
+Maths (per row, i.e. per token; ``u = z / tau``, label ``y``):
+
+    lse  = logsumexp(u)                       computed online over vocab blocks:
+           m' = max(m, max_blk u);  s' = s * exp(m - m') + sum_blk exp(u - m')
+    logp = u[y] - lse
+    H    = lse - sum(p * u) = log s - w / s    with w = sum exp(u - m) * (u - m), kept in the same
+           pass by  w' = exp(m - m') * (w + (m - m') * s) + sum_blk exp(u - m') * (u - m')
+           (shifted by the running max so that large logits do not cancel in fp32)
+    resid = logp - ref - adv / lam            (APA; 0 on masked rows)
+    L = sum(resid^2) / max(n, 1)              coef = dL/dlogp = 2 * resid / max(n, 1)
+
+Backward recomputes p = exp(u - lse) block by block from the saved lse (no softmax is stored):
+
+    dlogp/du = onehot(y) - p                  dH/du = -p * (t + H),  t = u - lse
+    dz = (g_logp * (onehot - p) + g_ent * dH/du) / tau
+
+``onehot - p`` is formed in fp32 and rounded once, on store, to the logits' dtype.
+
+Kernel rules (DESIGN.md, "kernel lessons"): one row per program on grid axis 0; the row offset
+``b * stride_b + t * stride_t`` in int64, so a shifted slice ``logits[:, :-1]`` is read in place;
+vocab columns past V load as -inf and the running max starts at -inf; everything accumulates in fp32
+(loads are cast right away, which the interpreter also needs for bf16); ``tau``, ``lam`` and
+``ignore_index`` are constexpr; the label logit is loaded only when ``0 <= y < V``. A label outside
+``[0, V)`` is treated like ``ignore_index`` (logp 0, entropy 0, no gradient), so a bad label can
+never make a kernel read out of bounds even when the public input checks are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Largest vocab block per loop iteration. Under the interpreter every block is one numpy op, so big
+# blocks are much faster there; on a GPU a block of a few thousand columns keeps registers in check.
+MAX_BLOCK_V = 4096
+MAX_BLOCK_V_INTERPRET = 32768
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _config(V: int, x: Tensor) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a vocab of size V: a power of two >= 16, at most one cap."""
+    cap = MAX_BLOCK_V_INTERPRET if _interpreting() else MAX_BLOCK_V
+    if x.element_size() == 2 and not _interpreting():
+        cap *= 2  # half-width loads: twice the columns for the same registers
+    block = max(16, min(triton.next_power_of_2(V), cap))
+    warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
+    return block, warps
+
+
+def _check_dtype(x3: Tensor) -> None:
+    if x3.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(
+            f"backend='triton' supports float32, bfloat16 and float16 logits, got {x3.dtype}; "
+            "use backend='torch' or backend='reference' for float64"
+        )
+
+
+@triton.jit
+def _lse_fwd_kernel(
+    x_ptr,
+    labels_ptr,
+    logp_ptr,
+    lse_ptr,
+    ent_ptr,
+    ref_ptr,
+    adv_ptr,
+    resid_ptr,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    INV_TAU: tl.constexpr,
+    LAM: tl.constexpr,
+    IGNORE_INDEX: tl.constexpr,
+    HAS_ENT: tl.constexpr,
+    APA: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    base = x_ptr + b * stride_b + t * stride_t  # b, t are int64: no int32 overflow
+    y = tl.load(labels_ptr + row).to(tl.int64)
+    valid = (y != IGNORE_INDEX) & (y >= 0) & (y < V)
+
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full([], -float("inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    w = tl.zeros([], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        inb = offs < V
+        u = tl.load(base + offs, mask=inb, other=-float("inf")).to(tl.float32) * INV_TAU
+        m_new = tl.maximum(m, tl.max(u, axis=0))
+        # shift by 0 while every logit so far is -inf (e.g. top-k-masked logits), never by -inf
+        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+        scale = tl.exp(m - shift)  # 0 while m = -inf
+        e = tl.exp(u - shift)  # 0 on columns past V and where z = -inf
+        s_blk = tl.sum(e, axis=0)
+        if HAS_ENT:
+            # p*log p -> 0 as p -> 0: columns with e == 0 add nothing (and no 0 * -inf is formed)
+            w_blk = tl.sum(e * tl.where(e > 0.0, u - shift, 0.0), axis=0)
+            dm = tl.where(m == -float("inf"), 0.0, m - shift)
+            w = scale * (w + dm * s) + w_blk
+        s = s * scale + s_blk
+        m = m_new
+    log_s = tl.log(s)
+    lse = m + log_s
+    tl.store(lse_ptr + row, lse)
+
+    zy = tl.load(base + tl.where(valid, y, 0), mask=valid, other=0.0).to(tl.float32)
+    logp = tl.where(valid, zy * INV_TAU - lse, 0.0)
+    if HAS_ENT:
+        tl.store(ent_ptr + row, tl.where(valid, log_s - w / s, 0.0))
+    if APA:
+        ref = tl.load(ref_ptr + row).to(tl.float32)
+        adv = tl.load(adv_ptr + row).to(tl.float32)
+        tl.store(resid_ptr + row, tl.where(valid, logp - ref - adv / LAM, 0.0))
+    else:
+        tl.store(logp_ptr + row, logp)
+
+
+@triton.jit
+def _lse_bwd_kernel(
+    x_ptr,
+    labels_ptr,
+    lse_ptr,
+    ent_ptr,
+    g_ptr,
+    ge_ptr,
+    grad_ptr,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    INV_TAU: tl.constexpr,
+    IGNORE_INDEX: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_GE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    base = x_ptr + b * stride_b + t * stride_t  # b, t are int64: no int32 overflow
+    out = grad_ptr + row * V
+    y = tl.load(labels_ptr + row).to(tl.int64)
+    valid = (y != IGNORE_INDEX) & (y >= 0) & (y < V)
+    lse = tl.load(lse_ptr + row).to(tl.float32)
+    g = 0.0
+    if HAS_G:
+        g = tl.where(valid, tl.load(g_ptr + row).to(tl.float32), 0.0)
+    ge = 0.0
+    H = 0.0
+    if HAS_GE:
+        ge = tl.where(valid, tl.load(ge_ptr + row).to(tl.float32), 0.0)
+        H = tl.load(ent_ptr + row).to(tl.float32)
+
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        inb = offs < V
+        u = tl.load(base + offs, mask=inb, other=0.0).to(tl.float32) * INV_TAU
+        tt = u - lse
+        p = tl.exp(tt)
+        d = tl.where(offs == y, 1.0 - p, -p) * g  # onehot - p in fp32
+        if HAS_GE:
+            d += -p * (tl.where(p > 0.0, tt, 0.0) + H) * ge  # p = 0 where z = -inf: no 0 * -inf
+        d = tl.where(valid, d * INV_TAU, 0.0)  # ignored rows: exact zeros even if lse is not finite
+        tl.store(out + offs, d.to(grad_ptr.dtype.element_ty), mask=inb)
+
+
+def _launch_fwd(x3, labels, tau, ignore_index, ent, apa):
+    B, T, V = x3.shape
+    N = B * T
+    dev = x3.device
+    lse = torch.empty(N, dtype=torch.float32, device=dev)
+    BLOCK_V, warps = _config(V, x3)
+    if apa is None:
+        logp = torch.empty(N, dtype=torch.float32, device=dev)
+        ref = adv = resid = lse  # unused (APA=False)
+        lam = 1.0
+    else:
+        ref, adv, lam = apa
+        logp = lse  # unused (APA=True)
+        resid = torch.empty(N, dtype=torch.float32, device=dev)
+    if N > 0:
+        _lse_fwd_kernel[(N,)](
+            x3,
+            labels,
+            logp,
+            lse,
+            ent if ent is not None else lse,
+            ref,
+            adv,
+            resid,
+            T,
+            V,
+            x3.stride(0),
+            x3.stride(1),
+            INV_TAU=1.0 / float(tau),
+            LAM=float(lam),
+            IGNORE_INDEX=int(ignore_index),
+            HAS_ENT=ent is not None,
+            APA=apa is not None,
+            BLOCK_V=BLOCK_V,
+            num_warps=warps,
+        )
+    return (logp if apa is None else resid), lse
+
+
+def _prep(x3: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    _check_dtype(x3)
+    if x3.dim() != 3:
+        raise ValueError(f"x3 must be a (B, T, V) view, got shape {tuple(x3.shape)}")
+    if x3.shape[-1] > 1 and x3.stride(-1) != 1:
+        x3 = x3.contiguous()
+    labels = labels.reshape(-1)
+    if labels.dtype != torch.int64 or not labels.is_contiguous():
+        labels = labels.to(torch.int64).contiguous()
+    if labels.numel() != x3.shape[0] * x3.shape[1]:
+        raise ValueError(f"labels must have B*T = {x3.shape[0] * x3.shape[1]} elements, got {labels.numel()}")
+    return x3, labels
+
+
+def _flat_f32(x: Tensor) -> Tensor:
+    return x.reshape(-1).to(torch.float32).contiguous()
+
+
+def logprobs_fwd(
+    x3: Tensor, labels: Tensor, tau: float, ignore_index: int, return_entropy: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(logp, lse, entropy | None), each flat (B*T,) float32; ignored rows give logp = entropy = 0."""
+    x3, labels = _prep(x3, labels)
+    N = x3.shape[0] * x3.shape[1]
+    ent = torch.empty(N, dtype=torch.float32, device=x3.device) if return_entropy else None
+    logp, lse = _launch_fwd(x3, labels, tau, ignore_index, ent, None)
+    return logp, lse, ent
+
+
+def logprobs_bwd(
+    x3: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    entropy: Tensor | None,
+    g_logp: Tensor | None,
+    g_ent: Tensor | None,
+    tau: float,
+    ignore_index: int,
+) -> Tensor:
+    """d(sum g_logp*logp + g_ent*H)/dz as a contiguous (B, T, V) tensor in x3's dtype."""
+    x3, labels = _prep(x3, labels)
+    B, T, V = x3.shape
+    N = B * T
+    grad = torch.empty((B, T, V), dtype=x3.dtype, device=x3.device)
+    if N == 0:
+        return grad
+    if g_ent is not None and entropy is None:
+        raise ValueError("g_ent needs the entropy saved by logprobs_fwd(return_entropy=True)")
+    lse = _flat_f32(lse)
+    g = _flat_f32(g_logp) if g_logp is not None else lse
+    ge = _flat_f32(g_ent) if g_ent is not None else lse
+    ent = _flat_f32(entropy) if g_ent is not None else lse
+    BLOCK_V, warps = _config(V, x3)
+    _lse_bwd_kernel[(N,)](
+        x3,
+        labels,
+        lse,
+        ent,
+        g,
+        ge,
+        grad,
+        T,
+        V,
+        x3.stride(0),
+        x3.stride(1),
+        INV_TAU=1.0 / float(tau),
+        IGNORE_INDEX=int(ignore_index),
+        HAS_G=g_logp is not None,
+        HAS_GE=g_ent is not None,
+        BLOCK_V=BLOCK_V,
+        num_warps=warps,
+    )
+    return grad
+
+
+def apa_loss_fwd(
+    x3: Tensor,
+    labels: Tensor,
+    ref: Tensor,
+    adv: Tensor,
+    n: Tensor,
+    lam: float,
+    tau: float,
+    ignore_index: int,
+    need_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, None]:
+    """(loss, lse, coef, None): one kernel pass gives lse and resid per row; the backward recomputes.
+
+    ``need_grad`` is accepted for interface parity and ignored: the gradient is never computed here
+    (recomputing in backward serves any upstream gradient and costs no extra full-size write).
+    """
+    x3, labels = _prep(x3, labels)
+    ref, adv = _flat_f32(ref), _flat_f32(adv)
+    resid, lse = _launch_fwd(x3, labels, tau, ignore_index, None, (ref, adv, lam))
+    n_c = n.to(device=x3.device, dtype=torch.float32).clamp(min=1.0)  # stays on device: no sync
+    loss = (resid * resid).sum() / n_c
+    coef = 2.0 * resid / n_c
+    return loss, lse, coef, None
