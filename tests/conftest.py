@@ -1,0 +1,20 @@
+"""Test-suite setup: Triton kernels run under the interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection.
+"""
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: a deliberately large case (large vocabulary, many processes)")

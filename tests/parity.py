@@ -1,0 +1,43 @@
+"""Shared helpers for the parity tests: devices, backends and the per-dtype error rule."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+# Backends under test against the reference. Triton runs interpreted on CPU (exact, slow).
+BACKENDS = [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")),
+]
+
+# Low-precision dtypes: a backend must be no worse than eager PyTorch in the same dtype, plus a
+# margin. The margin is one unit of the output's own fp32 rounding for the log-prob scale used
+# here (|logp| <~ 20): kernels accumulate in fp32, so beyond eager's error only fp32 rounding remains.
+LOWP = [torch.bfloat16, torch.float16]
+
+# fp32 input vs the float64 reference of the same values: the log-sum-exp over V terms in fp32
+# loses about log2(V) ulps at worst; 2e-5 absolute covers V up to 1.5e5 at |z| <~ 10 with room.
+FP32_ATOL = 2e-5
+
+
+def assert_no_worse_than_eager(name: str, ours: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor, margin: float) -> None:
+    """The Cut Cross-Entropy rule: |ours - exact| <= |eager - exact| + margin (max over elements)."""
+    e_ours = (ours.double() - exact.double()).abs().max().item()
+    e_eager = (eager.double() - exact.double()).abs().max().item()
+    assert e_ours <= e_eager + margin, f"{name}: error {e_ours:.3e} vs eager {e_eager:.3e} (+{margin:.1e})"
+
+
+def logits(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, scale: float = 3.0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+
+
+def labels(shape: tuple[int, ...], V: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, shape, generator=g).to(DEVICE)
