@@ -68,6 +68,19 @@ def _check_dtype(x3: Tensor) -> None:
 
 
 @triton.jit
+def _rtne_bf16(x):
+    """fp32 -> fp32 rounded to the nearest bf16 (ties to even), so that the final cast is exact.
+
+    Only used under the interpreter, whose fp32 -> bf16 cast truncates (on a GPU the cast itself
+    rounds to nearest even); without it the interpreted gradient would carry up to 1 bf16 ulp of
+    error instead of half an ulp.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
+
+
+@triton.jit
 def _lse_fwd_kernel(
     x_ptr,
     labels_ptr,
@@ -149,6 +162,7 @@ def _lse_bwd_kernel(
     IGNORE_INDEX: tl.constexpr,
     HAS_G: tl.constexpr,
     HAS_GE: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -179,6 +193,8 @@ def _lse_bwd_kernel(
         if HAS_GE:
             d += -p * (tl.where(p > 0.0, tt, 0.0) + H) * ge  # p = 0 where z = -inf: no 0 * -inf
         d = tl.where(valid, d * INV_TAU, 0.0)  # ignored rows: exact zeros even if lse is not finite
+        if ROUND_BF16:
+            d = _rtne_bf16(d)
         tl.store(out + offs, d.to(grad_ptr.dtype.element_ty), mask=inb)
 
 
@@ -290,6 +306,7 @@ def logprobs_bwd(
         IGNORE_INDEX=int(ignore_index),
         HAS_G=g_logp is not None,
         HAS_GE=g_ent is not None,
+        ROUND_BF16=x3.dtype == torch.bfloat16 and _interpreting(),
         BLOCK_V=BLOCK_V,
         num_warps=warps,
     )
