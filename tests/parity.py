@@ -33,6 +33,12 @@ def assert_no_worse_than_eager(name: str, ours: torch.Tensor, eager: torch.Tenso
     assert e_ours <= e_eager + margin, f"{name}: error {e_ours:.3e} vs eager {e_eager:.3e} (+{margin:.1e})"
 
 
+def rounding_margin(exact: torch.Tensor, dtype: torch.dtype) -> float:
+    """One rounding of the largest value into ``dtype`` (unit roundoff x max|exact|): an output
+    stored in ``dtype`` cannot do better than this, however it was computed."""
+    return torch.finfo(dtype).eps / 2 * exact.abs().max().item()
+
+
 def logits(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, scale: float = 3.0, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from parity import BACKENDS, DEVICE, FP32_ATOL, LOWP, assert_no_worse_than_eager, labels, logits
+from parity import BACKENDS, DEVICE, FP32_ATOL, LOWP, assert_no_worse_than_eager, labels, logits, rounding_margin
 
 import apa_fast
 from apa_fast import reference
@@ -32,8 +32,9 @@ def test_fp32_matches_reference(backend, lead, V, tau):
     y = labels(lead, V)
     if y.numel() > 1:
         y.view(-1)[1] = -100  # one ignored position
-    g = torch.randn(lead, dtype=torch.float64).to(DEVICE)
-    ge = torch.randn(lead, dtype=torch.float64).to(DEVICE)
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(lead, dtype=torch.float64, generator=gen).to(DEVICE)
+    ge = torch.randn(lead, dtype=torch.float64, generator=gen).to(DEVICE)
     (lp, h), gx = _grads(
         lambda z: apa_fast.token_logprobs(z, y, temperature=tau, return_entropy=True, backend=backend), x, g.float(), ge.float()
     )
@@ -86,15 +87,16 @@ def test_independent_oracle_cross_entropy(backend):
 def test_low_precision_no_worse_than_eager(backend, dtype):
     x = logits((3, 5, 777), dtype)
     y = labels((3, 5), 777)
-    g = torch.randn(3, 5).to(DEVICE)
+    g = torch.randn(3, 5, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     lp, gx = _grads(lambda z: apa_fast.token_logprobs(z, y, backend=backend), x, g)
     exact, gexact = _grads(lambda z: reference.token_logprobs(z, y), x.double(), g.double())
     # eager, as RLHF trainers write it, in the input dtype
     eager, geager = _grads(lambda z: torch.log_softmax(z, -1).gather(-1, y[..., None]).squeeze(-1), x, g.to(dtype))
     assert lp.dtype == torch.float32 and gx.dtype == dtype
     assert_no_worse_than_eager(f"logp {dtype}", lp, eager, exact, margin=1e-5)
-    # gradient: onehot - p is formed in fp32 and rounded once; eager rounds p and the sum in dtype
-    assert_no_worse_than_eager(f"grad {dtype}", gx, geager, gexact, margin=1e-3 if dtype == torch.bfloat16 else 1e-4)
+    # gradient: onehot - p is formed in fp32 and rounded once into dtype, so beyond eager's error we
+    # allow one rounding of the largest gradient entry (eager's max error may land on a small entry)
+    assert_no_worse_than_eager(f"grad {dtype}", gx, geager, gexact, margin=rounding_margin(gexact, dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
