@@ -70,10 +70,14 @@ def _gae_kernel(
         tl.store(ret_ptr + out_row + t, tl.where(valid, a_new + v, 0.0).to(acc), mask=in_b)
 
 
+# Sequences per program. On a GPU 64 keeps many programs in flight for typical batch sizes; the
+# interpreter runs programs one after another, so there one wide block is fastest.
+MAX_BLOCK_B = 64
+MAX_BLOCK_B_INTERPRET = 1024
+
+
 def _block_b(B: int) -> int:
-    # interpreted: one program per numpy op sequence, so one wide block; on GPU, 64 sequences
-    # per program keeps many programs in flight for typical batch sizes
-    cap = 1024 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 64
+    cap = MAX_BLOCK_B_INTERPRET if os.environ.get("TRITON_INTERPRET", "0") == "1" else MAX_BLOCK_B
     return max(16, min(triton.next_power_of_2(max(B, 1)), cap))
 
 
