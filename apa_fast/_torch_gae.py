@@ -1,53 +1,117 @@
-"""The ``torch`` backend of GAE: a blocked scan with no Python loop over time steps.
+"""The ``torch`` backend of GAE: a closed-form scan with no Python loop over time steps.
 
-Within a block of K steps the recurrence A_t = delta_t + gamma*lam*A_next (skipping masked steps)
-unrolls to a (K, K) matrix of powers of gamma*lam, applied to every block at once with one batched
-matmul; only the carry between blocks runs in a loop of T/K steps.
+With skip semantics the advantage carry obeys a first-order linear recurrence,
+``c_t = a_t * c_{t+1} + b_t`` with ``a_t = gamma*lam, b_t = delta_t`` at valid steps and
+``a_t = 1, b_t = 0`` at masked ones (the carry passes through). Its solution is
+
+    c_t = (1 / W_t) * sum_{s >= t} W_s * b_s,      W_t = (gamma*lam) ** (valid steps before t),
+
+i.e. one cumulative count, one ``pow``, one reverse cumulative sum and one division: a handful of
+vectorised passes over (B, T) instead of T small kernels. It runs in float64 (exact to ~1e-13 for
+float32 and float64 inputs alike). The suffix sum adds terms from the end, smallest weights first,
+so its error stays relative to the magnitude of the result. ``W`` decays geometrically; to keep it
+far from float64 underflow, the time axis is cut into blocks over which ``(gamma*lam)**K`` stays above
+1e-250 (a single block for the paper's gamma*lam = 0.95 up to T = 11,000), and the carry crosses
+block boundaries in a loop over blocks, not steps. ``gamma*lam == 0`` needs no scan at all.
+
+The value of the next valid step (``last_values`` past the end) comes from a reverse running
+minimum over valid indices and one gather.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-_BLOCK = 32
+_MIN_WEIGHT_LOG10 = -250.0  # smallest (gamma*lam)**k a block may need, far from fp64 underflow
+
+
+def _block_len(gl: float, T: int) -> int:
+    if gl >= 1.0 or gl <= 0.0:
+        return T
+    return max(1, min(T, int(_MIN_WEIGHT_LOG10 / math.log10(gl))))
+
+
+def _mask01(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """The mask as 0/1 in ``dtype`` (a uint8 view converts several times faster than a bool tensor)."""
+    m = mask if mask.dtype == torch.bool else mask != 0
+    return m.contiguous().view(torch.uint8).to(dtype)
 
 
 def gae_fwd(
     rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float, last_values: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     B, T = rewards.shape
-    dtype = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
+    out_dtype = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
+    f64 = torch.float64
     dev = rewards.device
-    r, v, m = rewards.to(dtype), values.to(dtype), mask.bool()
-    last = torch.zeros(B, dtype=dtype, device=dev) if last_values is None else last_values.to(dtype)
+    mf = _mask01(mask, f64)
+    # masked rewards/values may hold anything (NaN, inf, 1e6): zero them before any arithmetic
+    r = rewards.to(f64).mul_(mf).nan_to_num_(0.0, 0.0, 0.0)
+    v = values.to(f64).mul_(mf).nan_to_num_(0.0, 0.0, 0.0)
+    gl = float(gamma) * float(lam)
+    K = _block_len(gl, T)
+    if gl > 0.0 and lam >= 0.05 and K >= T:  # (small lam: V/lam would cancel digits)
+        A = _single_block(r, v, mf, gl, float(lam), last_values)
+    else:
+        A = _blocked(r, v, mf, float(gamma), gl, K, last_values)
+    R = A + v  # both are 0 at masked steps
+    return A.to(out_dtype), R.to(out_dtype)
 
-    # value of the next valid step (or last_values past the end): reverse running min of indices
+
+def _single_block(r: Tensor, v: Tensor, mf: Tensor, gl: float, lam: float, last_values: Tensor | None) -> Tensor:
+    """No gather for V_next: with w_s = W_s / W_t,  gamma * sum_s w_s V_next(s) = sum_{s'>t} w_s' V_s' / lam
+    (+ the last_values term), so A_t = [sum_{s>=t} W_s (r_s + V_s (1/lam - 1)) + W_T last / lam] / W_t - V_t / lam.
+    """
+    log_gl = math.log(gl)
+    cnt = mf.cumsum(-1)  # valid steps in [0, t]
+    total = cnt[:, -1:].clone()
+    W = cnt.sub_(mf).mul_(log_gl).exp_()  # gl ** (valid steps before t)
+    b = v.mul(1.0 / lam - 1.0).add_(r).mul_(W)
+    S = b.flip(-1).cumsum_(-1).flip(-1)  # suffix sums, smallest weights first
+    if last_values is not None:
+        S.add_(total.mul_(log_gl).exp_().mul_(last_values.to(S.dtype).view(-1, 1)).div_(lam))
+    return S.div_(W).sub_(v, alpha=1.0 / lam).mul_(mf)
+
+
+def _blocked(
+    r: Tensor, v: Tensor, mf: Tensor, gamma: float, gl: float, K: int, last_values: Tensor | None
+) -> Tensor:
+    """General path (gl == 0, or gl ** T near underflow): explicit V_next, blocks of K steps."""
+    B, T = r.shape
+    f64 = r.dtype
+    dev = r.device
+    m = mf.bool()
+    last = torch.zeros(B, 1, dtype=f64, device=dev) if last_values is None else last_values.to(f64).view(B, 1)
+    # V of the next valid step strictly after t: first valid index in (t, T], T meaning last_values
     idx = torch.where(m, torch.arange(T, device=dev), T)
-    nxt = torch.cat([idx.flip(-1).cummin(-1).values.flip(-1)[:, 1:], torch.full((B, 1), T, device=dev)], 1)
-    v_next = torch.cat([torch.where(m, v, 0.0), last[:, None]], 1).gather(1, nxt)
-    delta = torch.where(m, r + gamma * v_next - v, 0.0)
-
-    # pad the end with masked steps (they pass the zero initial carry through unchanged)
-    K = _BLOCK
+    nxt = idx.flip(-1).cummin(-1).values.flip(-1)
+    nxt = torch.cat([nxt[:, 1:], torch.full((B, 1), T, device=dev, dtype=nxt.dtype)], 1)
+    v_next = torch.cat([v, last], 1).gather(1, nxt)
+    delta = r.add(v_next, alpha=gamma).sub_(v).mul_(mf)  # 0 at masked steps (all finite there)
+    if gl == 0.0:
+        return delta
     nb = -(-T // K)
     pad = nb * K - T
-    d = torch.nn.functional.pad(delta, (0, pad)).view(B, nb, K)
-    mm = torch.nn.functional.pad(m, (0, pad)).view(B, nb, K)
-    cnt = mm.flip(-1).cumsum(-1).flip(-1)  # valid steps in [t, end of block)
-    gl = gamma * lam
-    powers = torch.tensor([gl**k for k in range(K + 1)], dtype=dtype, device=dev)
-    E = cnt[..., :, None] - cnt[..., None, :]  # valid steps in [t, s)
-    upper = torch.ones(K, K, dtype=torch.bool, device=dev).triu()
-    M = torch.where(upper, powers[E.clamp(0, K)], 0.0)
-    local = (M @ d.unsqueeze(-1)).squeeze(-1)  # A with a zero carry into the block
-    decay = powers[cnt]  # weight of the carry entering the block, per step
-
-    carry_in = torch.zeros(B, nb, dtype=dtype, device=dev)
-    carry = torch.zeros(B, dtype=dtype, device=dev)
-    for j in range(nb - 1, -1, -1):
-        carry_in[:, j] = carry
-        carry = local[:, j, 0] + decay[:, j, 0] * carry  # A at the block's first valid step
-    A = torch.where(mm, local + decay * carry_in.unsqueeze(-1), 0.0).view(B, nb * K)[:, :T]
-    R = torch.where(m, A + v, 0.0)
-    return A.contiguous(), R
+    if pad:
+        delta = torch.nn.functional.pad(delta, (0, pad))
+        mf = torch.nn.functional.pad(mf, (0, pad))
+    d3 = delta.view(B, nb, K)
+    m3 = mf.view(B, nb, K)
+    log_gl = math.log(gl)
+    cnt = m3.cumsum(-1)
+    total = cnt[..., -1].clone()  # valid steps in each block: (B, nb)
+    W = cnt.sub_(m3).mul_(log_gl).exp_()  # gl ** (valid steps in the block before t)
+    S = (W * d3).flip(-1).cumsum(-1).flip(-1)  # suffix sums, smallest weights first
+    if nb > 1:
+        decay = total.mul_(log_gl).exp_()  # weight of the carry crossing a block: (B, nb)
+        head = S[..., 0].clone()  # the carry at each block's start for a zero carry in: (B, nb)
+        carry_in = torch.empty(B, nb, dtype=f64, device=dev)
+        carry = torch.zeros(B, dtype=f64, device=dev)
+        for j in range(nb - 1, -1, -1):
+            carry_in[:, j] = carry
+            carry = head[:, j] + decay[:, j] * carry
+        S.add_(decay.mul_(carry_in).unsqueeze(-1))
+    return S.div_(W).mul_(m3).view(B, nb * K)[:, :T].contiguous()
