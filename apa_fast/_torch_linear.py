@@ -37,10 +37,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Bytes of the fp32 logits scratch for one token chunk. Large enough that the grad_W matmul
-# (inner dimension = rows of the chunk) runs near peak, small enough to stay a few percent of
-# eager's (N, V) logits + log-softmax + gradient for the sizes the trainer sees.
-CHUNK_BYTES = 24 << 20
+# Rows per token chunk: an eighth of the tokens (so the chunk's fp32 logits stay ~5% of eager's
+# logits + log-softmax + gradient, about 2.4 N V floats), at least ROW_MIN rows (below that the
+# grad_W update, whose inner dimension is the chunk's rows, re-reads and re-writes all of grad_W
+# too often: each chunk streams V x H fp32 through memory) and at most MAX_CHUNK_BYTES of logits.
+ROW_MIN = 64
+MAX_CHUNK_BYTES = 64 << 20
 # Row counts are rounded to a multiple of this, which keeps the matmul's panels aligned.
 _ROW_ALIGN = 16
 
@@ -50,7 +52,7 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 
 def rows_per_chunk(N: int, V: int, itemsize: int = 4) -> int:
-    rows = max(1, CHUNK_BYTES // max(1, V * itemsize))
+    rows = min(max(ROW_MIN, N // 8), max(1, MAX_CHUNK_BYTES // max(1, V * itemsize)))
     if rows >= 2 * _ROW_ALIGN:
         rows -= rows % _ROW_ALIGN
     return max(1, min(N, rows))
@@ -101,7 +103,10 @@ def _accumulate(
             torch.mm(dz.to(weight.dtype), weight, out=gh[r0 : r0 + r])
     if gw is not None:
         hh = h if h.dtype == dz.dtype else h.to(dz.dtype)
-        gw.addmm_(dz.t(), hh)
+        if r0 == 0:  # the first chunk writes grad_W: no zero-fill pass over V x H beforehand
+            torch.mm(dz.t(), hh, out=gw)
+        else:
+            gw.addmm_(dz.t(), hh)
     if gb is not None:
         gb.add_(dz.sum(0))
 
@@ -111,7 +116,8 @@ def _grad_buffers(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     acc = _acc_dtype(h)
     gh = torch.empty_like(h) if need[0] else None
-    gw = torch.zeros(weight.shape, dtype=acc, device=h.device) if need[1] else None
+    # empty, not zeros: the first chunk's matmul writes it (and N = 0 rows means no chunk at all)
+    gw = (torch.empty if h.shape[0] > 0 else torch.zeros)(weight.shape, dtype=acc, device=h.device) if need[1] else None
     gb = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if (need[2] and bias is not None) else None
     return gh, gw, gb
 
