@@ -164,7 +164,7 @@ def _fwd_kernel(
         scale = tl.exp(m - m_new)  # 0 while m = -inf
         e = tl.exp(u - m_new[:, None])  # 0 on columns past the split
         if HAS_ENT:
-            w_blk = tl.sum(tl.where(cmask[None, :], e * (u - m_new[:, None]), 0.0), axis=1)
+            w_blk = tl.sum(e * tl.where(cmask[None, :], u - m_new[:, None], 0.0), axis=1)  # no 0 * -inf
             dm = tl.where(m == -float("inf"), 0.0, m - m_new)
             w = scale * (w + dm * s) + w_blk
         s = s * scale + tl.sum(e, axis=1)

@@ -1,0 +1,319 @@
+"""linear_token_logprobs / linear_apa_loss: every backend against the float64 reference.
+
+The reference builds the logits ``hidden @ weight.T + bias`` in float64 and runs the logits oracle;
+``-F.linear_cross_entropy(..., reduction="none")`` is the independent oracle. Triton runs under the
+interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1), so interpreted shapes stay small.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from parity import BACKENDS, DEVICE, FP32_ATOL, LOWP, assert_no_worse_than_eager, rounding_margin
+
+import apa_fast
+import apa_fast._torch_linear as torch_linear
+from apa_fast import reference
+
+
+def _make(lead, H, V, bias=True, seed=0, ignore_frac=0.2):
+    """float64 hidden/weight/bias with logits of std ~3 (peaked enough for p_y near 1 to occur)."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn((*lead, H), generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * (3.0 / H**0.5)
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    y = torch.randint(0, V, lead, generator=g)
+    if ignore_frac and y.numel() > 1:
+        drop = torch.rand(lead, generator=g) < ignore_frac
+        drop.view(-1)[0] = True  # at least one ignored row
+        y = torch.where(drop, torch.full_like(y, -100), y)
+    to = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    return to(h), to(w), to(b), to(y)
+
+
+def _leaf(x, dtype):
+    return None if x is None else x.detach().to(dtype).clone().requires_grad_()
+
+
+def _run_token(fn, h, w, b, dtype, g, ge):
+    """Outputs and (grad_h, grad_W, grad_b) of sum(g * logp + ge * H)."""
+    hh, ww, bb = _leaf(h, dtype), _leaf(w, dtype), _leaf(b, dtype)
+    lp, ent = fn(hh, ww, bb)
+    ((lp * g.to(lp.dtype)).sum() + (ent * ge.to(ent.dtype)).sum()).backward()
+    return lp.detach(), ent.detach(), (hh.grad, ww.grad, None if bb is None else bb.grad)
+
+
+def _close(name, got, want, atol):
+    assert got is not None and want is not None, name
+    err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+    assert err <= atol, f"{name}: max error {err:.3e} > {atol:.1e}"
+
+
+# (lead, H, V): odd H and V, V = 1, a 3-D lead.
+SHAPES = [((4, 7), 32, 257), ((2, 3, 5), 19, 33), ((6,), 17, 1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead,H,V", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_token_logprobs_fp32_matches_reference(backend, lead, H, V, bias, tau):
+    h, w, b, y = _make(lead, H, V, bias)
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(lead, generator=gen, dtype=torch.float64).to(DEVICE)
+    ge = torch.randn(lead, generator=gen, dtype=torch.float64).to(DEVICE)
+    ours = _run_token(
+        lambda a, c, d: apa_fast.linear_token_logprobs(a, c, y, bias=d, temperature=tau, return_entropy=True, backend=backend),
+        h, w, b, torch.float32, g, ge,
+    )
+    ref = _run_token(lambda a, c, d: reference.linear_token_logprobs(a, c, y, d, tau, -100, True), h, w, b, torch.float64, g, ge)
+    lp, ent, grads = ours
+    assert lp.dtype == torch.float32 and ent.dtype == torch.float32 and lp.shape == lead
+    # fp32 logits from an H-term dot product, then an fp32 log-sum-exp: see parity.FP32_ATOL
+    _close("logp", lp, ref[0], FP32_ATOL)
+    _close("entropy", ent, ref[1], FP32_ATOL)
+    for name, a, r in zip(("grad_h", "grad_W", "grad_b"), grads, ref[2]):
+        if r is None:
+            assert a is None
+            continue
+        assert a.dtype == torch.float32
+        # sums of O(1) fp32 terms over up to N rows (grad_W, grad_b) or V columns (grad_h)
+        _close(name, a, r, 2e-5 * max(1.0, r.abs().max().item()))
+    ignored = (y == -100).reshape(-1)
+    assert torch.all(lp.reshape(-1)[ignored] == 0) and torch.all(ent.reshape(-1)[ignored] == 0)
+    assert torch.all(grads[0].reshape(-1, H)[ignored] == 0)
+
+
+def _apa_inputs(lead, V, seed=0, hole_frac=0.3):
+    g = torch.Generator().manual_seed(seed + 7)
+    ref = (-torch.rand(lead, generator=g, dtype=torch.float64) * 5).to(DEVICE)
+    adv = torch.randn(lead, generator=g, dtype=torch.float64).to(DEVICE)
+    m = (torch.rand(lead, generator=g) > hole_frac).to(DEVICE)
+    return ref, adv, m
+
+
+def _run_apa(fn, h, w, b, dtype, scale):
+    hh, ww, bb = _leaf(h, dtype), _leaf(w, dtype), _leaf(b, dtype)
+    loss = fn(hh, ww, bb)
+    (loss * scale).backward()
+    return loss.detach(), (hh.grad, ww.grad, None if bb is None else bb.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead,H,V", SHAPES[:2])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("tau,lam", [(1.0, 0.1), (0.8, 1.0)])
+@pytest.mark.parametrize("scale", [1.0, 0.25])  # loss.backward() and a non-unit upstream gradient
+def test_apa_loss_fp32_matches_reference(backend, lead, H, V, bias, tau, lam, scale):
+    h, w, b, y = _make(lead, H, V, bias, ignore_frac=0)
+    ref, adv, m = _apa_inputs(lead, V)
+    y = torch.where(m, y, -7)  # labels at masked positions are unused, even out of range
+    loss, grads = _run_apa(
+        lambda a, c, d: apa_fast.linear_apa_loss(a, c, y, ref.float(), adv.float(), m, bias=d, lam=lam, temperature=tau, backend=backend),
+        h, w, b, torch.float32, scale,
+    )
+    lr, gr = _run_apa(lambda a, c, d: reference.linear_apa_loss(a, c, y, ref, adv, m, d, lam, tau), h, w, b, torch.float64, scale)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    # a mean of squared O(1/lam) residuals: relative fp32 accuracy
+    torch.testing.assert_close(loss.double(), lr, rtol=2e-5, atol=1e-6)
+    for name, a, r in zip(("grad_h", "grad_W", "grad_b"), grads, gr):
+        if r is None:
+            assert a is None
+            continue
+        assert a.dtype == torch.float32
+        _close(name, a, r, 2e-5 * max(1.0, r.abs().max().item()))
+    assert torch.all(grads[0][~m] == 0)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Force many token chunks in the torch backend (a few rows each)."""
+    monkeypatch.setattr(torch_linear, "ROW_MIN", 3)
+    monkeypatch.setattr(torch_linear, "MAX_CHUNK_BYTES", 1)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("tau", [1.0, 1.7])
+def test_torch_backend_float64_is_exact(chunked, tau, request):
+    """In float64 the chunked backend and the oracle agree to rounding: any formula slip shows."""
+    if chunked:
+        request.getfixturevalue("small_chunks")
+    h, w, b, y = _make((5, 9), 23, 301)
+    g = torch.randn(5, 9, dtype=torch.float64).to(DEVICE)
+    ge = torch.randn(5, 9, dtype=torch.float64).to(DEVICE)
+    ours = _run_token(
+        lambda a, c, d: apa_fast.linear_token_logprobs(a, c, y, bias=d, temperature=tau, return_entropy=True, backend="torch"),
+        h, w, b, torch.float64, g, ge,
+    )
+    ref = _run_token(lambda a, c, d: reference.linear_token_logprobs(a, c, y, d, tau, -100, True), h, w, b, torch.float64, g, ge)
+    for a, r in zip((ours[0], ours[1], *ours[2]), (ref[0], ref[1], *ref[2])):
+        torch.testing.assert_close(a, r, atol=1e-11, rtol=1e-11)
+    rl, adv, m = _apa_inputs((5, 9), 301)
+    yv = torch.where(m, y.clamp(min=0), 0)
+    for scale in (1.0, -0.3):
+        la, ga = _run_apa(lambda a, c, d: apa_fast.linear_apa_loss(a, c, yv, rl, adv, m, bias=d, lam=0.5, temperature=tau, backend="torch"), h, w, b, torch.float64, scale)
+        lb, gb = _run_apa(lambda a, c, d: reference.linear_apa_loss(a, c, yv, rl, adv, m, d, 0.5, tau), h, w, b, torch.float64, scale)
+        torch.testing.assert_close(la, lb, atol=1e-11, rtol=1e-11)
+        for a, r in zip(ga, gb):
+            torch.testing.assert_close(a, r, atol=1e-11, rtol=1e-11)
+
+
+def test_gradcheck_torch_backend(small_chunks):
+    h, w, b, y = _make((2, 3), 5, 7)
+    rl, adv, m = _apa_inputs((2, 3), 7)
+    yv = torch.where(m, y.clamp(min=0), 0)
+    args = tuple(x.detach().clone().requires_grad_() for x in (h, w, b))
+    assert torch.autograd.gradcheck(
+        lambda a, c, d: apa_fast.linear_token_logprobs(a, c, y, bias=d, temperature=0.8, return_entropy=True, backend="torch"),
+        args, eps=1e-6, atol=1e-7,
+    )
+    assert torch.autograd.gradcheck(
+        lambda a, c, d: apa_fast.linear_apa_loss(a, c, yv, rl, adv, m, bias=d, lam=0.5, temperature=0.9, backend="torch"),
+        args, eps=1e-6, atol=1e-7,
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_independent_oracle_linear_cross_entropy(backend, bias):
+    h, w, b, y = _make((12,), 24, 301, bias)
+    h, w, b = h.float(), w.float(), None if b is None else b.float()
+    lp = apa_fast.linear_token_logprobs(h, w, y, bias=b, backend=backend)
+    ce = -F.linear_cross_entropy(h.double(), w.double(), y, linear_bias=None if b is None else b.double(), reduction="none")
+    torch.testing.assert_close(lp.double(), ce, atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOWP)
+def test_low_precision_no_worse_than_eager(backend, dtype):
+    """|ours - exact| <= |eager - exact| + margin, eager being F.linear + log_softmax in ``dtype``."""
+    lead, H, V = (3, 6), 48, 389
+    h, w, b, y = _make(lead, H, V, True)
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(lead, generator=gen, dtype=torch.float64).to(DEVICE)
+    ge = torch.zeros(lead, dtype=torch.float64, device=DEVICE)
+
+    def eager(a, c, d):
+        logsm = torch.log_softmax(F.linear(a, c, d), -1)
+        valid = y != -100
+        lp = torch.where(valid, logsm.gather(-1, torch.where(valid, y, 0)[..., None]).squeeze(-1), 0.0)
+        return lp, lp * 0
+
+    lp, _, gs = _run_token(lambda a, c, d: apa_fast.linear_token_logprobs(a, c, y, bias=d, return_entropy=True, backend=backend), h, w, b, dtype, g, ge)
+    le, _, ges = _run_token(eager, h, w, b, dtype, g, ge)
+    lx, _, gxs = _run_token(lambda a, c, d: reference.linear_token_logprobs(a, c, y, d, 1.0, -100, True), h, w, b, torch.float64, g, ge)
+    assert lp.dtype == torch.float32 and all(x.dtype == dtype for x in gs)
+    # log-probs come out in fp32: beyond eager's error only fp32 rounding at |logp| <~ 20 remains
+    assert_no_worse_than_eager(f"logp {dtype}", lp, le, lx, margin=1e-5)
+    # gradients are stored in dtype: allow one rounding of the largest entry beyond eager's max error
+    # (eager's max error may sit on a small entry while ours sits on the largest)
+    for name, a, e, x in zip(("grad_h", "grad_W", "grad_b"), gs, ges, gxs):
+        assert_no_worse_than_eager(f"{name} {dtype}", a, e, x, margin=rounding_margin(x, dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored_empty_mask_and_empty_input(backend):
+    h, w, b, _ = _make((4,), 16, 37)
+    hh, ww, bb = _leaf(h, torch.float32), _leaf(w, torch.float32), _leaf(b, torch.float32)
+    y = torch.full((4,), -100, device=DEVICE)
+    lp, ent = apa_fast.linear_token_logprobs(hh, ww, y, bias=bb, return_entropy=True, backend=backend)
+    assert torch.equal(lp, torch.zeros(4, device=DEVICE)) and torch.equal(ent, torch.zeros(4, device=DEVICE))
+    (lp.sum() + ent.sum()).backward()
+    assert hh.grad.abs().max() == 0 and ww.grad.abs().max() == 0 and bb.grad.abs().max() == 0
+    for x in (hh, ww, bb):
+        x.grad = None
+    zero = torch.zeros(4, device=DEVICE)
+    loss = apa_fast.linear_apa_loss(hh, ww, y, zero, zero, torch.zeros(4, dtype=torch.bool, device=DEVICE), bias=bb, backend=backend)
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    loss.backward()
+    assert hh.grad.abs().max() == 0 and ww.grad.abs().max() == 0 and bb.grad.abs().max() == 0
+    e = torch.zeros(0, 16, device=DEVICE, requires_grad=True)
+    out = apa_fast.linear_token_logprobs(e, ww, torch.zeros(0, dtype=torch.long, device=DEVICE), backend=backend)
+    assert out.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_head_no_grad_and_strided_hidden(backend):
+    """A frozen LM head (only grad_h), a no_grad forward (reference log-probs) and a transposed hidden."""
+    h, w, b, y = _make((3, 5), 16, 70, ignore_frac=0)
+    base = h.float().transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous (3, 5, 16) view
+    assert not base.is_contiguous()
+    hh = base.detach().requires_grad_()
+    lp = apa_fast.linear_token_logprobs(hh, w.float(), y, bias=b.float(), backend=backend)
+    lp.sum().backward()
+    hr = h.detach().clone().requires_grad_()
+    reference.linear_token_logprobs(hr, w, y, b).sum().backward()
+    _close("logp", lp, reference.linear_token_logprobs(h, w, y, b), FP32_ATOL)
+    _close("grad_h", hh.grad, hr.grad, 2e-5 * max(1.0, hr.grad.abs().max().item()))
+    with torch.no_grad():
+        lp2 = apa_fast.linear_token_logprobs(h.float(), w.float(), y, bias=b.float(), backend=backend)
+    torch.testing.assert_close(lp2, lp.detach(), atol=1e-6, rtol=0)
+
+
+def test_grad_weight_accumulates_in_fp32():
+    """Many token chunks in bf16: grad_W is summed in fp32 and rounded once, so its error stays at
+    about one bf16 rounding of its entries instead of growing with the number of chunks."""
+    torch_linear_rows = torch_linear.ROW_MIN, torch_linear.MAX_CHUNK_BYTES
+    try:
+        torch_linear.ROW_MIN, torch_linear.MAX_CHUNK_BYTES = 4, 1
+        h, w, b, y = _make((256,), 16, 40, ignore_frac=0, seed=3)
+        g = torch.ones(256, dtype=torch.float64)
+        ours = _run_token(lambda a, c, d: apa_fast.linear_token_logprobs(a, c, y, bias=d, return_entropy=True, backend="torch"),
+                          h, w, b, torch.bfloat16, g, g * 0)
+        # the exact gradient of the same bf16-rounded inputs
+        hb, wb, bb = (x.to(torch.bfloat16).double() for x in (h, w, b))
+        ref = _run_token(lambda a, c, d: reference.linear_token_logprobs(a, c, y, d, 1.0, -100, True), hb, wb, bb, torch.float64, g, g * 0)
+    finally:
+        torch_linear.ROW_MIN, torch_linear.MAX_CHUNK_BYTES = torch_linear_rows
+    gw, gw_ref = ours[2][1].double(), ref[2][1]
+    # per entry: one bf16 rounding of the result plus the bf16 rounding of the logits feeding p
+    # (eager does the same), but no 64-fold accumulation of bf16 partial sums
+    rel = ((gw - gw_ref).abs() / gw_ref.abs().clamp(min=1e-3 * gw_ref.abs().max())).median().item()
+    assert rel < 2e-2, rel
+
+
+V_ERR = 11
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: apa_fast.linear_token_logprobs(torch.zeros(3, 4), torch.zeros(V_ERR, 5), torch.zeros(3, dtype=torch.long)), ValueError, "hidden's last dim"),
+        (lambda: apa_fast.linear_token_logprobs(torch.zeros(3, 4), torch.zeros(V_ERR, 4, 1), torch.zeros(3, dtype=torch.long)), ValueError, "weight must have shape"),
+        (lambda: apa_fast.linear_token_logprobs(torch.zeros(3, 4), torch.zeros(V_ERR, 4), torch.zeros(3, dtype=torch.long), bias=torch.zeros(V_ERR + 1)), ValueError, "bias must have shape"),
+        (lambda: apa_fast.linear_token_logprobs(torch.zeros(3, 4), torch.zeros(V_ERR, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.long)), TypeError, "weight dtype"),
+        (lambda: apa_fast.linear_token_logprobs(torch.zeros(3, 4), torch.zeros(V_ERR, 4), torch.zeros(3, dtype=torch.long), bias=torch.zeros(V_ERR, dtype=torch.float64)), TypeError, "bias dtype"),
+        (lambda: apa_fast.linear_token_logprobs(torch.zeros(3, 4), torch.zeros(V_ERR, 4), torch.zeros(3)), TypeError, "labels must be an integer"),
+        (lambda: apa_fast.linear_token_logprobs(torch.zeros(3, 4), torch.zeros(V_ERR, 4), torch.zeros(4, dtype=torch.long)), ValueError, "labels must have shape"),
+        (lambda: apa_fast.linear_token_logprobs(torch.zeros(3, 4), torch.zeros(V_ERR, 4), torch.tensor([0, V_ERR, 1])), ValueError, "labels must lie in"),
+        (lambda: apa_fast.linear_token_logprobs(torch.zeros(3, 4), torch.zeros(V_ERR, 4), torch.tensor([0, -1, 1])), ValueError, "labels must lie in"),
+        (lambda: apa_fast.linear_token_logprobs(torch.zeros(3, 4), torch.zeros(V_ERR, 4), torch.zeros(3, dtype=torch.long), temperature=0.0), ValueError, "temperature"),
+        (lambda: apa_fast.linear_token_logprobs(torch.zeros(3, 4), torch.zeros(V_ERR, 4), torch.zeros(3, dtype=torch.long), backend="cuda"), ValueError, "backend must be one of"),
+        (lambda: apa_fast.linear_apa_loss(torch.zeros(3, 4), torch.zeros(V_ERR, 4), torch.tensor([0, V_ERR, 1]), torch.zeros(3), torch.zeros(3), torch.ones(3, dtype=torch.bool)), ValueError, "labels must lie in"),
+        (lambda: apa_fast.linear_apa_loss(torch.zeros(3, 4), torch.zeros(V_ERR, 4), torch.zeros(3, dtype=torch.long), torch.zeros(2), torch.zeros(3), torch.ones(3)), ValueError, "ref_logprobs must have shape"),
+        (lambda: apa_fast.linear_apa_loss(torch.zeros(3, 4), torch.zeros(V_ERR, 4), torch.zeros(3, dtype=torch.long), torch.zeros(3), torch.zeros(3), torch.full((3,), 2.0)), ValueError, "mask must be bool or contain only 0 and 1"),
+        (lambda: apa_fast.linear_apa_loss(torch.zeros(3, 4), torch.zeros(V_ERR, 4), torch.zeros(3, dtype=torch.long), torch.zeros(3), torch.zeros(3), torch.ones(3), lam=-1.0), ValueError, "lam"),
+    ],
+)
+def test_bad_inputs(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_large_vocab_triton_vs_torch(dtype):
+    """A GPT-J-like head slice on the GPU: the Triton kernels against the chunked torch backend."""
+    h, w, b, y = _make((256,), 256, 50_400, True, ignore_frac=0.1)
+    g = torch.randn(256, dtype=torch.float64, device=DEVICE)
+    outs = {}
+    for bk in ("triton", "torch"):
+        outs[bk] = _run_token(lambda a, c, d: apa_fast.linear_token_logprobs(a, c, y, bias=d, return_entropy=True, backend=bk),
+                              h, w, b, dtype, g, g * 0.5)
+    ref = _run_token(lambda a, c, d: reference.linear_token_logprobs(a, c, y, d, 1.0, -100, True), h, w, b, torch.float64, g, g * 0.5)
+    for bk, (lp, ent, grads) in outs.items():
+        tol = FP32_ATOL if dtype == torch.float32 else 0.1
+        _close(f"{bk} logp", lp, ref[0], tol * 5)
+        for name, a, r in zip(("grad_h", "grad_W", "grad_b"), grads, ref[2]):
+            _close(f"{bk} {name}", a, r, (2e-5 if dtype == torch.float32 else 2e-2) * max(1.0, r.abs().max().item()))
