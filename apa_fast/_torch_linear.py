@@ -162,6 +162,41 @@ def token_fwd(
     return logp, lse, ent
 
 
+def token_fwd_dh(
+    h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tau: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(logp, lse, D) with D_i = dlogp_i/dh_i = (W_y - sum_v p_iv W_v) / tau, for fp32/fp64 input.
+
+    For a frozen LM head (only hidden wants a gradient) the hidden gradient of sum_i g_i logp_i is
+    g_i D_i: D costs the one matmul backward would need anyway, with no logits recompute, and
+    backward becomes a row scaling. (grad_W could not be done this way: it needs p and g together.)
+    """
+    N, V = h.shape[0], weight.shape[0]
+    acc = _acc_dtype(h)
+    if h.dtype != acc:
+        raise TypeError("token_fwd_dh needs fp32 or fp64 input (D would be rounded twice otherwise)")
+    logp = torch.empty(N, dtype=acc, device=h.device)
+    lse = torch.empty(N, dtype=acc, device=h.device)
+    D = torch.empty_like(h)
+    rows = rows_per_chunk(N, V)
+    sc = _Scratch(h, weight, rows, second=False)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        y = labels[r0:r1].unsqueeze(1)
+        u = _logits(h[r0:r1], weight, bias, sc, tau)
+        uy = u.gather(1, y).squeeze(1)
+        m = u.amax(1, keepdim=True)
+        e = u.sub_(m).exp_()
+        s = e.sum(1)
+        lse[r0:r1] = m.squeeze(1) + s.log()
+        logp[r0:r1] = uy - lse[r0:r1]
+        # (onehot - p) / tau, then D = that @ W
+        dz = e.mul_((-1.0 / (s * tau)).unsqueeze(1))
+        dz.scatter_add_(1, y, torch.full_like(dz[:, :1], 1.0 / tau))
+        torch.mm(dz, weight, out=D[r0:r1])
+    return logp, lse, D
+
+
 def token_bwd(
     h: Tensor,
     weight: Tensor,

@@ -15,7 +15,10 @@ mask is 0) are dropped here, before the op, so no backend spends matmul time on 
 outputs are 0 with no gradient. ``need`` says which of (hidden, weight, bias) want a gradient.
 ``apa_fwd`` may return the gradients for an upstream gradient of 1 (the torch backend does: it has
 the whole logits row in hand); otherwise backward recomputes via ``token_bwd`` with
-``g_logp = coef * g``. The autograd Functions live here; the backends hold no autograd.
+``g_logp = coef * g``. A backend may also offer ``token_fwd_dh(h, W, b, labels, tau) ->
+(logp, lse, dlogp/dh)``, used when only hidden wants a gradient (a frozen LM head) and no entropy is
+asked for: backward is then a row scaling, with no recompute. The autograd Functions live here;
+the backends hold no autograd.
 """
 
 from __future__ import annotations
@@ -57,15 +60,26 @@ def _check_linear(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor |
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, labels, tau, return_entropy, impl):  # type: ignore[override]
+        need = tuple(ctx.needs_input_grad[:3])
+        ctx.cfg = (tau, impl)
+        ctx.dh = None
+        if need == (True, False, False) and not return_entropy and hasattr(impl, "token_fwd_dh") and h.dtype in (torch.float32, torch.float64):
+            # frozen LM head: dlogp/dh per row comes out of the forward's matmuls; backward only scales it
+            logp, lse, dh = impl.token_fwd_dh(h, weight, bias, labels, tau)
+            ctx.save_for_backward(dh)
+            ctx.dh = True
+            return logp
         logp, lse, ent = impl.token_fwd(h, weight, bias, labels, tau, return_entropy)
         ctx.save_for_backward(h, weight, bias, labels, lse, ent)
-        ctx.cfg = (tau, impl)
         return (logp, ent) if return_entropy else logp
 
     @staticmethod
     def backward(ctx, g_logp, g_ent=None):  # type: ignore[override]
-        h, weight, bias, labels, lse, ent = ctx.saved_tensors
         tau, impl = ctx.cfg
+        if ctx.dh:
+            (dh,) = ctx.saved_tensors
+            return dh * g_logp.to(dh.dtype).unsqueeze(1), None, None, None, None, None, None
+        h, weight, bias, labels, lse, ent = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:3])
         if not any(need):
             return (None,) * 7

@@ -317,3 +317,19 @@ def test_gpu_large_vocab_triton_vs_torch(dtype):
         _close(f"{bk} logp", lp, ref[0], tol * 5)
         for name, a, r in zip(("grad_h", "grad_W", "grad_b"), grads, ref[2]):
             _close(f"{bk} {name}", a, r, (2e-5 if dtype == torch.float32 else 2e-2) * max(1.0, r.abs().max().item()))
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_frozen_head_float64_exact(chunked, request):
+    """Only hidden wants a gradient: the torch backend's forward-computed dlogp/dh path, exactly."""
+    if chunked:
+        request.getfixturevalue("small_chunks")
+    h, w, b, y = _make((4, 6), 13, 97)
+    g = torch.randn(4, 6, dtype=torch.float64).to(DEVICE)
+    hh, hr = h.clone().requires_grad_(), h.clone().requires_grad_()
+    lp = apa_fast.linear_token_logprobs(hh, w, y, bias=b, temperature=0.9, backend="torch")
+    (lp * g).sum().backward()
+    lr = reference.linear_token_logprobs(hr, w, y, b, 0.9)
+    (lr * g).sum().backward()
+    torch.testing.assert_close(lp, lr, atol=1e-11, rtol=1e-11)
+    torch.testing.assert_close(hh.grad, hr.grad, atol=1e-11, rtol=1e-11)
