@@ -1,0 +1,146 @@
+"""Checkpoints with ``torch.distributed.checkpoint`` (DCP), written atomically, and the final export.
+
+Layout of ``OUT/checkpoints``: ``step_000020/`` (a complete DCP checkpoint with a ``COMPLETE`` marker),
+``latest`` (a text file naming the newest complete one). A checkpoint is first written to
+``step_000020.tmp-<pid>/``; only after every rank has finished and rank 0 has written ``COMPLETE`` is
+it renamed to its final name and ``latest`` replaced (``os.replace``). A crash mid-write leaves a
+``.tmp-*`` directory that nothing ever loads.
+
+What is saved (``TrainState``, a DCP ``Stateful``): the trainable models (policy, critic), the optimizer,
+the trainer scalars (step, data position, KL controller, reward scaler) and every rank's RNG states.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rng_state() -> dict:
+    s = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["cpu"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+class TrainState(Stateful):
+    """Everything a resumed run needs to continue as if never stopped."""
+
+    def __init__(self, models: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer):
+        self.models, self.optimizer, self.trainer = models, optimizer, trainer
+
+    def state_dict(self) -> dict:
+        msd, osd = get_state_dict(self.models, self.optimizer)
+        rngs = [None] * _world()
+        if dist.is_initialized():
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs[0] = rng_state()
+        # every rank stores the same list; each takes back its own entry
+        rng = {f"rank{r}_{k}": v for r, s in enumerate(rngs) for k, v in s.items()}
+        return {"model": msd, "optim": osd, "trainer": self.trainer.state_dict(), "rng": rng}
+
+    def load_state_dict(self, sd: dict) -> None:
+        set_state_dict(self.models, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        self.trainer.load_state_dict(sd["trainer"])
+        r = _rank()
+        mine = {k.split("_", 1)[1]: v for k, v in sd["rng"].items() if k.startswith(f"rank{r}_")}
+        if mine:
+            set_rng_state(mine)
+
+
+def save(ckpt_dir: Path, step: int, state: TrainState, keep: int = 2) -> Path:
+    """Write ``ckpt_dir/step_{step}`` atomically; prune to the ``keep`` newest."""
+    ckpt_dir = Path(ckpt_dir)
+    final = ckpt_dir / f"step_{step:06d}"
+    # the same temp name on every rank: rank 0 chooses it
+    name = [f"{final.name}.tmp-{os.getpid()}"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(name, src=0)
+    tmp = ckpt_dir / name[0]
+    if _rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    dcp.save({"app": state}, checkpoint_id=str(tmp))
+    if dist.is_initialized():
+        dist.barrier()
+    if _rank() == 0:
+        (tmp / "COMPLETE").write_text(f"{step}\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        latest_tmp = ckpt_dir / f"latest.tmp-{os.getpid()}"
+        latest_tmp.write_text(final.name + "\n")
+        os.replace(latest_tmp, ckpt_dir / "latest")
+        done = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and (p / "COMPLETE").exists()
+                      and ".tmp" not in p.name)
+        for old in done[: max(0, len(done) - keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def latest(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint (``latest`` if valid, else the newest ``step_*`` with COMPLETE)."""
+    ckpt_dir = Path(ckpt_dir)
+    ptr = ckpt_dir / "latest"
+    if ptr.exists():
+        p = ckpt_dir / ptr.read_text().strip()
+        if (p / "COMPLETE").exists():
+            return p
+    done = sorted(p for p in ckpt_dir.glob("step_*") if ".tmp" not in p.name and (p / "COMPLETE").exists())
+    return done[-1] if done else None
+
+
+def load(path: Path, state: TrainState) -> None:
+    dcp.load({"app": state}, checkpoint_id=str(path))
+
+
+def export_pretrained(policy: torch.nn.Module, tokenizer, out: Path) -> None:
+    """``save_pretrained`` (safetensors) of the policy, loadable with ``AutoModelForCausalLM``.
+
+    Under FSDP the full state dict is gathered (to CPU, rank 0). The fused head's optional value head
+    is not part of a causal LM and is left out.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if dist.is_initialized():
+        sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = {k: v.detach().cpu() for k, v in policy.state_dict().items()}
+    if _rank() != 0:
+        return
+    sd = {k: v for k, v in sd.items() if ".v_head." not in k}
+    out = Path(out)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)

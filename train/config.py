@@ -1,0 +1,153 @@
+"""The trainer's configuration: one dataclass, one CLI flag per field (``--help`` prints each help text).
+
+Presets fill the fields a user did not set: ``offline`` (the default demo: tiny GPT-J, addition, CPU)
+and ``gptj`` (the paper's GPT-J setup). Any other ``--model`` is a Hugging Face id or a local path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    # what to train
+    model: str = _f("offline", "policy: 'offline' (tiny GPT-J on addition, no network), 'gptj' (the paper's "
+                    "Dahoas/gptj-sft-static setup) or any Hugging Face id / local path of a causal LM")
+    reward_model: str | None = _f(None, "reward: a HF sequence-classification model (id or path), a raw GPT-J reward "
+                                  "checkpoint (a .pt state dict of transformer.* + v_head.weight, or a repo/dir holding "
+                                  "one, e.g. Dahoas/gptj-rm-static), or a Python function 'module:function' "
+                                  "(prompts, completions) -> list of floats. Default: the preset's")
+    dataset: str | None = _f(None, "prompts: a HF dataset id, a local dir, or a .json/.jsonl/.csv/.parquet file with a "
+                             "'prompt' column. Default: the preset's")
+    dataset_split: str = _f("train", "split of --dataset to read prompts from")
+    prompt_column: str = _f("prompt", "column holding the prompt text")
+    algo: str = _f("apa", "algorithm: apa (the paper), ppo (clipped, adaptive KL in the reward) or awr",
+                   choices=["apa", "ppo", "awr"])
+    # run length and batches
+    steps: int = _f(-1, "RL iterations (rollout + update); -1: the preset's")
+    batch_size: int = _f(-1, "prompts per iteration, global over all ranks; -1: the preset's")
+    minibatch_size: int = _f(-1, "sequences per gradient step, global over all ranks; -1: the preset's")
+    epochs: int = _f(-1, "passes over each rollout batch; -1: the preset's")
+    # optimisation
+    lr: float = _f(-1.0, "learning rate (AdamW) of policy and critic; -1: the preset's (paper: 1e-6)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping by global norm (0: off)")
+    lam: float = _f(-1.0, "APA's lambda (paper: 0.1) or AWR's temperature lambda; -1: the algorithm's/preset's")
+    awr_max_weight: float = _f(0.0, "AWR: clamp exp(A/lam) at this value (0: no clamp, as the APA paper)")
+    gamma: float = _f(1.0, "discount of GAE")
+    gae_lam: float = _f(0.95, "lambda of GAE")
+    vf_coef: float = _f(1.0, "weight of the value loss")
+    ppo_clip: float = _f(0.2, "PPO ratio clip epsilon")
+    value_clip: float = _f(0.2, "PPO value clip (APA/AWR use the unclipped value loss)")
+    kl_init: float = _f(0.05, "PPO: initial KL coefficient beta of the adaptive controller")
+    kl_target: float = _f(6.0, "PPO: KL target of the adaptive controller")
+    kl_horizon: float = _f(10000.0, "PPO: horizon of the adaptive controller")
+    kl_coef: float = _f(0.0, "APA/AWR: fixed KL penalty in the reward (the authors used none)")
+    reward_scale: str = _f("", "'running' divides scores by their running std (the authors' mode), 'none' leaves "
+                           "them; '': the preset's", choices=["", "none", "running"])
+    reward_clip: float = _f(10.0, "clip (scaled) scores to [-c, c] (0: off)")
+    # sampling
+    max_new_tokens: int = _f(-1, "response length cap; -1: the preset's (paper: 128)")
+    max_prompt_len: int = _f(-1, "prompts are truncated from the left to this many tokens; -1: the preset's")
+    temperature: float = _f(1.0, "sampling temperature (the log-probs use the same temperature)")
+    top_k: int = _f(0, "top-k sampling (0: off; the trained log-probs are of the full tempered softmax)")
+    top_p: float = _f(1.0, "nucleus sampling (1: off)")
+    # models
+    critic: str = _f("separate", "critic: a separate copy of the policy with a scalar head (the authors'), or "
+                     "a value head on the policy ('shared')", choices=["separate", "shared"])
+    unfrozen_layers: int = _f(-2, "train only the top N transformer blocks (+ final norm and heads); -1: all; "
+                              "-2: the preset's (paper: 2)")
+    precision: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16'",
+                        choices=["auto", "fp32", "bf16"])
+    kernel_backend: str = _f("auto", "log-prob/APA kernels from hidden states: auto | torch | triton | reference "
+                             "(apa_fast), or eager (materialise logits with lm_head + log_softmax)",
+                             choices=["auto", "torch", "triton", "reference", "eager"])
+    attn: str = _f("auto", "attention: auto (flash_attention_2 when flash_attn imports, else eager), eager, "
+                   "flash_attention_2, sdpa")
+    trust_remote_code: bool = _f(False, "allow models' own code from the Hub (off unless asked)")
+    # outputs
+    out: str = _f("", "run directory (metrics.jsonl, samples.jsonl, plot, checkpoints, final/); default runs/<algo>-<time>")
+    resume: str = _f("", "continue the run in this directory from its latest complete checkpoint")
+    save_every: int = _f(-1, "checkpoint every N iterations (0: only at the end); -1: the preset's")
+    keep_checkpoints: int = _f(2, "keep this many newest checkpoints")
+    eval_every: int = _f(-1, "print and save sample completions every N iterations; -1: the preset's")
+    eval_samples: int = _f(4, "completions shown at each evaluation")
+    seed: int = _f(0, "seed of model init, data order and sampling")
+    cache_dir: str = _f("", "where the offline warm-up is cached (default ~/.cache/apa-fast or $APA_FAST_CACHE)")
+    threads: int = _f(0, "torch CPU threads per process (0: torch's default)")
+    tensorboard: bool = _f(True, "also log to TensorBoard when it is installed")
+    plot: bool = _f(True, "draw reward and KL against steps (plot.png) at the end")
+    progress: bool = _f(True, "show a progress bar")
+    export: bool = _f(True, "save the final policy with save_pretrained (safetensors) in OUT/final")
+    stop_after: int = _f(0, "stop (as if killed) after this many iterations of this process; for tests")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "offline": dict(
+        reward_model="train.offline:arith_reward",
+        dataset=None,  # the shipped train/data/arith_prompts.jsonl
+        steps=60, batch_size=64, minibatch_size=32, epochs=2, lr=1e-3, lam=1.0, reward_scale="none",
+        max_new_tokens=4, max_prompt_len=16, unfrozen_layers=-1, save_every=20, eval_every=20,
+    ),
+    "gptj": dict(
+        model="Dahoas/gptj-sft-static",
+        reward_model="Dahoas/gptj-rm-static",
+        dataset="Dahoas/rm-static",
+        steps=500, batch_size=64, minibatch_size=8, epochs=1, lr=1e-6, lam=0.1, reward_scale="running",
+        max_new_tokens=128, max_prompt_len=512, unfrozen_layers=2, save_every=50, eval_every=25,
+    ),
+    "hf": dict(
+        steps=200, batch_size=32, minibatch_size=8, epochs=1, lr=1e-6, lam=0.1, reward_scale="running",
+        max_new_tokens=128, max_prompt_len=512, unfrozen_layers=2, save_every=50, eval_every=25,
+    ),
+}
+_UNSET = {"steps": -1, "batch_size": -1, "minibatch_size": -1, "epochs": -1, "lr": -1.0, "lam": -1.0,
+          "reward_scale": "", "max_new_tokens": -1, "max_prompt_len": -1, "unfrozen_layers": -2,
+          "save_every": -1, "eval_every": -1, "reward_model": None, "dataset": None}
+
+
+def preset_name(model: str) -> str:
+    return model if model in ("offline", "gptj") else "hf"
+
+
+def apply_preset(cfg: Config) -> Config:
+    """Fill unset fields from the preset of ``cfg.model``; AWR's default lam is 1 (its paper's)."""
+    p = PRESETS[preset_name(cfg.model)]
+    for k, unset in _UNSET.items():
+        if getattr(cfg, k) == unset and k in p:
+            setattr(cfg, k, p[k])
+    if cfg.model == "gptj":
+        cfg.model = p["model"]
+    if cfg.algo == "awr" and cfg.lam == p.get("lam") and preset_name(cfg.model) != "offline":
+        cfg.lam = 1.0
+    if cfg.minibatch_size > cfg.batch_size:
+        cfg.minibatch_size = cfg.batch_size
+    return cfg
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    ap = argparse.ArgumentParser(
+        prog="python -m train.run",
+        description="APA / PPO / AWR on FSDP2 with apa_fast's fused log-prob kernels. With no arguments: the offline "
+        "demo (tiny GPT-J learns addition on CPU). '--model gptj' runs the paper's GPT-J setup (needs GPUs and the "
+        "Dahoas checkpoints). Several processes: torchrun --nproc_per_node=N -m train.run ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        h = f.metadata["help"]
+        if f.type in (bool, "bool"):
+            ap.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=h)
+        else:
+            t = {"int": int, "float": float}.get(str(f.type), str)
+            ap.add_argument(flag, default=f.default, type=t, help=h, choices=f.metadata.get("choices"))
+    ns = ap.parse_args(argv)
+    return apply_preset(Config(**vars(ns)))

@@ -1,0 +1,141 @@
+"""Loading models, tokenizers and prompt datasets, with one clear line when something cannot be loaded."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from pathlib import Path
+
+from .models import LoadError
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cached(repo: str, filename: str, repo_type: str = "model") -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo, filename, repo_type=repo_type), str)
+    except Exception:
+        return False
+
+
+def check_model_source(name: str, what: str = "model", size_hint: str = "") -> None:
+    """Fail fast (no 30 s of retries) when ``name`` is neither a local path, nor cached, nor reachable."""
+    if Path(name).exists():
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise LoadError(f"cannot load {what} {name!r}: no such local path; pass an existing directory or a Hugging Face id")
+    if _cached(name, "config.json") or hub_reachable():
+        return
+    raise LoadError(
+        f"cannot load {what} {name!r}: it is not in the Hugging Face cache and huggingface.co is unreachable; "
+        f"download it while online (huggingface-cli download {name}{size_hint}) or pass a local directory"
+    )
+
+
+def load_causal_lm(name: str, *, dtype, attn: str, trust_remote_code: bool, what: str = "policy"):
+    from transformers import AutoModelForCausalLM
+
+    check_model_source(name, what)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code
+        )
+    except Exception as e:  # noqa: BLE001 - turned into one line for the user
+        raise LoadError(f"cannot load {what} {name!r} as a causal LM: {_first_line(e)}") from None
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool, what: str = "tokenizer"):
+    from transformers import AutoTokenizer
+
+    check_model_source(name, what)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise LoadError(f"cannot load the tokenizer of {name!r}: {_first_line(e)}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0] if s else ''}"
+
+
+def _check_json_lines(path: str, column: str) -> None:
+    """Name the first malformed row of a JSON-lines file (``datasets`` does not)."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1)
+        if head == "[":  # a JSON array, not JSON lines: leave it to datasets
+            return
+        f.seek(0)
+        row = 0
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LoadError(f"{path}: row {row} (line {lineno}) is not valid JSON ({e.msg}); fix or remove it") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get(column), str) or not obj[column].strip():
+                got = obj.get(column) if isinstance(obj, dict) else obj
+                raise LoadError(f"{path}: row {row} (line {lineno}) has {column!r} = {got!r}; expected a non-empty string")
+            row += 1
+
+
+def load_prompts(dataset: str | None, split: str, column: str) -> list[str]:
+    """Prompts as a list of strings, loaded through ``datasets``; a malformed row is named."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if dataset is None:
+            ds = datasets.load_dataset("json", data_files=str(DATA_DIR / "arith_prompts.jsonl"), split="train")
+        elif Path(dataset).is_file():
+            ext = Path(dataset).suffix.lstrip(".")
+            if ext in ("jsonl", "json"):
+                _check_json_lines(dataset, column)
+            ext = {"jsonl": "json", "txt": "text"}.get(ext, ext)
+            if ext not in ("json", "csv", "parquet", "text"):
+                raise LoadError(f"cannot read prompts from {dataset!r}: use a .jsonl/.json/.csv/.parquet file")
+            ds = datasets.load_dataset(ext, data_files=dataset, split="train")
+        else:
+            if not Path(dataset).exists() and not hub_reachable() and not _cached(dataset, "README.md", "dataset"):
+                raise LoadError(
+                    f"cannot load dataset {dataset!r}: no such local path and huggingface.co is unreachable; download "
+                    f"it while online (huggingface-cli download --repo-type dataset {dataset}) or pass a local "
+                    f".jsonl with a {column!r} column"
+                )
+            ds = datasets.load_dataset(dataset, split=split)
+    except LoadError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise LoadError(f"cannot load dataset {dataset!r} (split {split!r}): {_first_line(e)}") from None
+    if column not in ds.column_names:
+        raise LoadError(f"dataset {dataset or 'arith_prompts'!r} has no {column!r} column (columns: {ds.column_names}); "
+                        f"pass --prompt-column")
+    prompts = []
+    for i, p in enumerate(ds[column]):
+        if not isinstance(p, str) or not p.strip():
+            raise LoadError(f"dataset {dataset!r}: row {i} has {column!r} = {p!r}; expected a non-empty string")
+        prompts.append(p)
+    if not prompts:
+        raise LoadError(f"dataset {dataset!r} (split {split!r}) has no rows")
+    return prompts

@@ -1,0 +1,83 @@
+"""What a user sees: metrics.jsonl, TensorBoard (when installed), samples.jsonl and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends one JSON object per step to ``metrics.jsonl``; mirrors scalars to TensorBoard if available."""
+
+    def __init__(self, out: Path, resume_step: int | None = None, tensorboard: bool = True):
+        self.path = Path(out) / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            # a resumed run rewrites what came after its checkpoint
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(out) / "tb"))
+            except Exception:  # noqa: BLE001 - TensorBoard is optional
+                self.tb = None
+
+    def log(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, row["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def _smooth(y: list[float], k: int = 5) -> list[float]:
+    out = []
+    for i in range(len(y)):
+        w = y[max(0, i - k + 1) : i + 1]
+        out.append(sum(w) / len(w))
+    return out
+
+
+def plot_runs(runs: dict[str, list[dict]], png: Path, title: str = "") -> None:
+    """Reward and KL (sqrt of mean k3, the paper's plotted KL) against steps: the form of Fig. 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, rows in runs.items():
+        steps = [r["step"] for r in rows]
+        rew = [r["reward_mean"] for r in rows]
+        (line,) = a.plot(steps, _smooth(rew), label=name)
+        a.plot(steps, rew, color=line.get_color(), alpha=0.25, lw=0.8)
+        b.plot(steps, [r["kl_sqrt_k3"] for r in rows], label=name, color=line.get_color())
+    a.set_xlabel("step")
+    a.set_ylabel("reward (mean per batch)")
+    a.set_title("reward")
+    b.set_xlabel("step")
+    b.set_ylabel("sqrt(mean k3) to the initial policy")
+    b.set_title("KL divergence")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

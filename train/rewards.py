@@ -1,0 +1,213 @@
+"""Rewards: Python functions, HF sequence-classification models, and the paper's raw GPT-J reward checkpoint.
+
+Every reward maps ``(prompts, completions)`` to one float per sample. Non-numbers and NaN are kept as
+NaN here; the trainer reports them and drops those samples from the loss (``score`` in ``run.py``).
+
+The paper's reward model (``Dahoas/gptj-rm-static``) is not a transformers checkpoint: it is a raw
+``torch.save``d state dict of a GPT-J ``transformer`` (keys ``transformer.*``) plus a bias-free
+``v_head = Linear(n_embd, 1)``, whose score is read at the first EOS after the text.
+``convert_gptj_reward_checkpoint`` loads it (``weights_only=True``) into ``GPTJRewardModel``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .loading import _first_line, check_model_source, hub_reachable, load_tokenizer
+from .models import LoadError
+
+
+class FunctionReward:
+    """``module:function`` taking ``(prompts, completions)`` and returning a list of numbers."""
+
+    def __init__(self, spec: str):
+        mod, _, fn = spec.partition(":")
+        try:
+            self.fn = getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as e:
+            raise LoadError(f"cannot load reward function {spec!r}: {_first_line(e)}") from None
+        self.name = spec
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        out = self.fn(prompts, completions)
+        return [_as_float(x) for x in out]
+
+
+def _as_float(x) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return math.nan
+    return v
+
+
+class HFRewardModel:
+    """A ``AutoModelForSequenceClassification`` reward model scoring ``prompt + completion``."""
+
+    def __init__(self, name: str, device, dtype, trust_remote_code: bool):
+        from transformers import AutoModelForSequenceClassification
+
+        check_model_source(name, "reward model")
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                name, dtype=dtype, num_labels=1, trust_remote_code=trust_remote_code
+            ).to(device).eval()
+        except Exception as e:  # noqa: BLE001
+            raise LoadError(f"cannot load reward model {name!r} as sequence classification: {_first_line(e)}") from None
+        self.tok = load_tokenizer(name, trust_remote_code=trust_remote_code, what="reward tokenizer")
+        self.tok.padding_side = "right"
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tok.pad_token_id
+        self.device, self.name = device, name
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        enc = self.tok([p + c for p, c in zip(prompts, completions)], padding=True, truncation=True,
+                       return_tensors="pt").to(self.device)
+        return self.model(**enc).logits[:, 0].float().cpu().tolist()
+
+
+class GPTJRewardModel(nn.Module):
+    """The APA authors' GPT-J reward model: a GPT-J transformer and a bias-free scalar head at the first EOS."""
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers import GPTJModel
+
+        self.config = config
+        self.transformer = GPTJModel(config)
+        self.v_head = nn.Linear(config.n_embd, 1, bias=False)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, eos_token_id: int) -> Tensor:
+        """Right-padded ``input_ids`` that end with an EOS; the score is read at the first EOS of each row."""
+        h = self.transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        r = self.v_head(h).squeeze(-1)
+        is_eos = (input_ids == eos_token_id) & attention_mask.bool()
+        T = input_ids.shape[1]
+        last = attention_mask.long().sum(-1) - 1
+        first_eos = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), last)
+        return r.gather(1, first_eos.clamp(0, T - 1).unsqueeze(1)).squeeze(1).float()
+
+
+def find_raw_checkpoint(name: str) -> Path | None:
+    """The raw state-dict file for ``name``: a file, a dir holding one .pt/.bin, or a cached/downloadable Hub repo."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        if (p / "config.json").exists() and any(p.glob("*.safetensors")):
+            return None  # an ordinary transformers checkpoint
+        cands = sorted(list(p.glob("*.pt")) + list(p.glob("*.bin")))
+        return cands[0] if len(cands) == 1 else None
+    if name == "Dahoas/gptj-rm-static":
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return Path(hf_hub_download(name, "hf_ckpt.pt", local_files_only=not hub_reachable()))
+        except Exception:  # noqa: BLE001
+            raise LoadError(
+                f"cannot load reward model {name!r}: its raw checkpoint hf_ckpt.pt is not in the Hugging Face cache "
+                f"and huggingface.co is unreachable; download it while online (huggingface-cli download {name} "
+                f"hf_ckpt.pt, 24 GB) or pass --reward-model /path/to/hf_ckpt.pt"
+            ) from None
+    return None
+
+
+def convert_gptj_reward_checkpoint(path: str | Path, config) -> GPTJRewardModel:
+    """Load the raw GPT-J reward state dict (``transformer.*`` + ``v_head.weight``) into ``GPTJRewardModel``."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001
+        raise LoadError(f"cannot read reward checkpoint {str(path)!r} (torch.load, weights_only=True): {_first_line(e)}") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    sd = {k.removeprefix("module.").removeprefix("model."): v for k, v in sd.items()}
+    if "v_head.weight" not in sd or not any(k.startswith("transformer.") for k in sd):
+        raise LoadError(f"{str(path)!r} is not a GPT-J reward checkpoint: expected keys transformer.* and v_head.weight")
+    sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # old causal-mask buffers
+    with torch.device("meta"):
+        model = GPTJRewardModel(config)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith("embed_positions")]
+    if missing or unexpected:
+        raise LoadError(f"{str(path)!r} does not fit a GPT-J of this config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    # non-persistent buffers (rotary tables) are rebuilt on CPU
+    for mod in model.modules():
+        if hasattr(mod, "embed_positions") and mod.embed_positions.is_meta:
+            from transformers.models.gptj.modeling_gptj import create_sinusoidal_positions
+
+            mod.embed_positions = create_sinusoidal_positions(config.max_position_embeddings, mod.rotary_dim or mod.embed_dim)
+    return model.eval()
+
+
+class GPTJRawReward:
+    """Scores ``prompt + completion + EOS`` with a converted GPT-J reward checkpoint."""
+
+    def __init__(self, path: Path, config, tokenizer, device, dtype):
+        self.model = convert_gptj_reward_checkpoint(path, config).to(device=device, dtype=dtype)
+        self.model.requires_grad_(False)
+        self.tok, self.device, self.name = tokenizer, device, str(path)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        eos = self.tok.eos_token
+        texts = [p + c + eos for p, c in zip(prompts, completions)]
+        side = self.tok.padding_side
+        self.tok.padding_side = "right"
+        try:
+            enc = self.tok(texts, padding=True, return_tensors="pt", add_special_tokens=False).to(self.device)
+        finally:
+            self.tok.padding_side = side
+        return self.model(enc["input_ids"], enc["attention_mask"], self.tok.eos_token_id).cpu().tolist()
+
+
+def load_reward(spec: str, *, policy_config, tokenizer, device, dtype, trust_remote_code: bool):
+    """A callable ``(prompts, completions) -> list[float]`` from ``--reward-model``."""
+    if ":" in spec and not Path(spec).exists() and "/" not in spec.partition(":")[0]:
+        return FunctionReward(spec)
+    raw = find_raw_checkpoint(spec)
+    if raw is not None:
+        if getattr(policy_config, "model_type", None) != "gptj":
+            raise LoadError(f"the raw GPT-J reward checkpoint {spec!r} needs a GPT-J config; use a GPT-J policy")
+        return GPTJRawReward(raw, policy_config, tokenizer, device, dtype)
+    return HFRewardModel(spec, device, dtype, trust_remote_code)
+
+
+class RewardScaler:
+    """Scores divided by their running std (the authors' 'running' mode), then clipped; a Stateful."""
+
+    def __init__(self, mode: str = "none", clip: float = 0.0):
+        self.mode, self.clip = mode, clip
+        self.count, self.mean, self.m2 = 0.0, 0.0, 0.0
+
+    def update(self, scores: Tensor) -> None:
+        """Fold the finite scores of the whole (all-rank) batch into the running moments."""
+        if scores.numel() == 0:
+            return
+        x = scores.double()
+        n, mean = float(x.numel()), float(x.mean())
+        m2 = float(((x - mean) ** 2).sum())
+        tot = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / tot
+        self.m2 += m2 + delta**2 * self.count * n / tot
+        self.count = tot
+
+    def __call__(self, scores: Tensor) -> Tensor:
+        """Scaled (and clipped) scores; NaN stays NaN."""
+        if self.mode == "running" and self.count > 1:
+            scores = scores / max(math.sqrt(self.m2 / (self.count - 1)), 1e-8)
+        if self.clip > 0:
+            scores = scores.clamp(-self.clip, self.clip)
+        return scores
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.count, self.mean, self.m2 = float(sd["count"]), float(sd["mean"]), float(sd["m2"])
