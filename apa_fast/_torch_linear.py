@@ -11,7 +11,10 @@ and for an upstream gradient ``g_logp`` (and ``g_ent``) per token:
     dz = du / tau;   grad_h = dz @ W;   grad_W = dz^T @ h;   grad_b = sum_i dz_i
 
 Only a chunk of ``rows x V`` logits exists at any time (an fp32 scratch buffer reused for every
-chunk), never the (N, V) logits. The work is exactly the three matmuls any method needs
+chunk), never the (N, V) logits. A chunk spans the whole vocabulary on purpose: ``dz`` needs the
+row's full softmax, so vocab-splitting a token chunk would force a second logits matmul; the chunk's
+row count (``rows_per_chunk``) is what bounds memory instead, and it never exceeds
+``MAX_CHUNK_BYTES`` of logits however large V is. The work is exactly the three matmuls any method needs
 (logits, grad_h, grad_W) plus a few elementwise passes over each chunk:
 
 - ``apa_fwd`` (the scalar APA loss) computes the gradients *during the forward pass*: a row of
