@@ -75,12 +75,22 @@ def _blocks(N: int, V: int, H: int, h: Tensor) -> tuple[int, int, int, int]:
     return bn, bv, bh, 8
 
 
-def _splits(n_blocks_n: int, n_blocks_v: int, h: Tensor) -> int:
-    """How many programs share one token block's vocabulary, so that the grid fills the GPU."""
+# Most bytes of fp32 partial grad_h (splits x N x H) the vocab split of _grad_h_kernel may use.
+MAX_PARTIAL_BYTES = 64 << 20
+
+
+def _splits(n_blocks_n: int, n_blocks_v: int, h: Tensor, partial_row_bytes: int = 0) -> int:
+    """How many programs share one token block's vocabulary, so that the grid fills the GPU.
+
+    ``partial_row_bytes`` (N x H x 4 for grad_h) caps the splits so their partial sums stay small.
+    """
     if _interpreting() or h.device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(h.device).multi_processor_count
-    return max(1, min(n_blocks_v, triton.cdiv(2 * sms, max(1, n_blocks_n))))
+    s = max(1, min(n_blocks_v, triton.cdiv(2 * sms, max(1, n_blocks_n))))
+    if partial_row_bytes:
+        s = max(1, min(s, MAX_PARTIAL_BYTES // partial_row_bytes))
+    return s
 
 
 @triton.jit
@@ -345,7 +355,7 @@ def token_bwd(
     bptr = bias if bias is not None else h
     gh = gw = gb = None
     if need_h:
-        S = _splits(nb_n, nb_v, h)
+        S = _splits(nb_n, nb_v, h, N * H * 4)
         v_per = triton.cdiv(nb_v, S) * BV
         S = triton.cdiv(V, v_per)
         part = torch.zeros(S, N, H, **f32)
