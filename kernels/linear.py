@@ -66,7 +66,7 @@ def _blocks(N: int, V: int, H: int, h: Tensor) -> tuple[int, int, int, int]:
     if _interpreting():
         # every block is one numpy op under the interpreter: big blocks are much faster
         bn = max(16, min(64, triton.next_power_of_2(N)))
-        bv = max(16, min(512, triton.next_power_of_2(V)))
+        bv = max(16, min(INTERPRET_MAX_BLOCK_V, triton.next_power_of_2(V)))
         bh = max(16, min(128, triton.next_power_of_2(H)))
         return bn, bv, bh, 4
     bn = max(16, min(64, triton.next_power_of_2(N)))
@@ -75,6 +75,9 @@ def _blocks(N: int, V: int, H: int, h: Tensor) -> tuple[int, int, int, int]:
     return bn, bv, bh, 8
 
 
+# Tests shrink these to run the multi-block / multi-split paths under the interpreter.
+INTERPRET_MAX_BLOCK_V = 512
+FORCE_SPLITS: int | None = None
 # Most bytes of fp32 partial grad_h (splits x N x H) the vocab split of _grad_h_kernel may use.
 MAX_PARTIAL_BYTES = 64 << 20
 
@@ -84,6 +87,8 @@ def _splits(n_blocks_n: int, n_blocks_v: int, h: Tensor, partial_row_bytes: int 
 
     ``partial_row_bytes`` (N x H x 4 for grad_h) caps the splits so their partial sums stay small.
     """
+    if FORCE_SPLITS is not None:
+        return max(1, min(FORCE_SPLITS, n_blocks_v))
     if _interpreting() or h.device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(h.device).multi_processor_count
