@@ -82,7 +82,7 @@ class Config:
     eval_samples: int = _f(4, "completions shown at each evaluation")
     seed: int = _f(0, "seed of model init, data order and sampling")
     cache_dir: str = _f("", "where the offline warm-up is cached (default ~/.cache/apa-fast or $APA_FAST_CACHE)")
-    threads: int = _f(0, "torch CPU threads per process (0: torch's default)")
+    threads: int = _f(-1, "torch CPU threads per process (0: torch's default; -1: the preset's, 1 for offline)")
     tensorboard: bool = _f(True, "also log to TensorBoard when it is installed")
     plot: bool = _f(True, "draw reward and KL against steps (plot.png) at the end")
     progress: bool = _f(True, "show a progress bar")
@@ -94,8 +94,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "offline": dict(
         reward_model="train.offline:arith_reward",
         dataset=None,  # the shipped train/data/arith_prompts.jsonl
-        steps=60, batch_size=64, minibatch_size=32, epochs=2, lr=1e-3, lam=1.0, reward_scale="none",
-        max_new_tokens=4, max_prompt_len=16, unfrozen_layers=-1, save_every=20, eval_every=20,
+        steps=150, batch_size=64, minibatch_size=32, epochs=2, lr=3e-4, lam=0.1, reward_scale="none",
+        max_new_tokens=4, max_prompt_len=16, unfrozen_layers=-1, save_every=50, eval_every=50, threads=1,
     ),
     "gptj": dict(
         model="Dahoas/gptj-sft-static",
@@ -111,7 +111,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 _UNSET = {"steps": -1, "batch_size": -1, "minibatch_size": -1, "epochs": -1, "lr": -1.0, "lam": -1.0,
           "reward_scale": "", "max_new_tokens": -1, "max_prompt_len": -1, "unfrozen_layers": -2,
-          "save_every": -1, "eval_every": -1, "reward_model": None, "dataset": None}
+          "save_every": -1, "eval_every": -1, "threads": -1, "reward_model": None, "dataset": None}
 
 
 def preset_name(model: str) -> str:
@@ -128,6 +128,8 @@ def apply_preset(cfg: Config) -> Config:
         cfg.model = p["model"]
     if cfg.algo == "awr" and cfg.lam == p.get("lam") and preset_name(cfg.model) != "offline":
         cfg.lam = 1.0
+    if cfg.threads < 0:
+        cfg.threads = 0
     if cfg.minibatch_size > cfg.batch_size:
         cfg.minibatch_size = cfg.batch_size
     return cfg

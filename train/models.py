@@ -114,7 +114,7 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.v_head.bias)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.v_head(h).squeeze(-1).float()
+        return self.v_head(h).squeeze(-1).float().clone()  # not a view: FSDP hooks its backward
 
 
 class Critic(nn.Module):

@@ -49,7 +49,7 @@ class WarmupRecipe:
     n_head: int = 4
     rotary_dim: int = 16
     n_positions: int = 32
-    steps: int = 500
+    steps: int = 600
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0

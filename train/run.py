@@ -182,6 +182,7 @@ class Batch:
     rewards: Tensor | None = None  # (B, R) token rewards
     advantages: Tensor | None = None
     returns: Tensor | None = None
+    logp_sample: Tensor | None = None  # (B, R) only when rollout(sampling_logprobs=True)
 
     def rows(self, idx: Tensor) -> "Batch":
         f = {k: (v[idx] if isinstance(v, Tensor) and v.dim() > 0 else v) for k, v in vars(self).items()}
@@ -191,18 +192,24 @@ class Batch:
 
 
 @torch.no_grad()
-def rollout(m: Models, prompts: list[str], cfg: Config, d: Dist, greedy: bool = False) -> Batch:
-    """Sample responses with ``generate`` from left-padded prompts."""
+def rollout(m: Models, prompts: list[str], cfg: Config, d: Dist, greedy: bool = False,
+            sampling_logprobs: bool = False) -> Batch:
+    """Sample responses with ``generate`` from left-padded prompts.
+
+    ``sampling_logprobs``: also keep the log-probs of the sampled tokens under the distribution that
+    ``generate`` sampled from (``log_softmax(logits / temperature)``), to check against training's."""
     tok = m.tokenizer
     tok.padding_side, tok.truncation_side = "left", "left"
     enc = tok(prompts, padding=True, truncation=True, max_length=cfg.max_prompt_len, return_tensors="pt").to(d.device)
     P = enc["input_ids"].shape[1]
     sample = {} if greedy else dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     m.policy.eval()
-    seq = m.policy.generate(
+    gen = m.policy.generate(
         **enc, do_sample=not greedy, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id, synced_gpus=d.world > 1, **sample,
+        eos_token_id=tok.eos_token_id, synced_gpus=d.world > 1, return_dict_in_generate=True,
+        output_logits=sampling_logprobs, **sample,
     )
+    seq = gen.sequences
     response = seq[:, P:]
     if response.shape[1] == 0:
         raise RuntimeError("generate returned no new tokens")
@@ -213,7 +220,12 @@ def rollout(m: Models, prompts: list[str], cfg: Config, d: Dist, greedy: bool = 
     attn = torch.cat([enc["attention_mask"].bool(), mask], 1).long()
     input_ids = torch.cat([enc["input_ids"], response], 1)
     completions = tok.batch_decode(torch.where(mask & ~is_eos, response, tok.pad_token_id), skip_special_tokens=True)
-    return Batch(input_ids, attn, position_ids_from_mask(attn), P, response, mask, list(prompts), completions)
+    b = Batch(input_ids, attn, position_ids_from_mask(attn), P, response, mask, list(prompts), completions)
+    if sampling_logprobs:
+        logits = torch.stack(gen.logits, 1).float() / (1.0 if greedy else cfg.temperature)
+        lp = torch.log_softmax(logits, -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
+        b.logp_sample = torch.where(mask, lp, 0.0)
+    return b
 
 
 def score(m: Models, b: Batch, d: Dist, log) -> int:
@@ -555,14 +567,18 @@ def evaluate(m: Models, prompts: list[str], cfg: Config, d: Dist, out: Path, ste
     per = math.ceil(len(prompts) / d.world)
     mine = (prompts * d.world)[d.rank * per : (d.rank + 1) * per] if d.world > 1 else prompts
     b = rollout(m, mine, cfg, d, greedy=True)
-    rewards = m.reward(b.prompts, b.completions)
+    rows = list(zip(b.prompts, b.completions, m.reward(b.prompts, b.completions)))
+    if d.world > 1:
+        parts = [None] * d.world
+        dist.all_gather_object(parts, rows)
+        rows = [r for part in parts for r in part][: len(prompts)]
     if not d.main:
         return
-    lines = [f"  {p!r} -> {c!r}  (reward {r:.3g})" for p, c, r in zip(b.prompts, b.completions, rewards)]
+    lines = [f"  {p!r} -> {c!r}  (reward {r:.3g})" for p, c, r in rows]
     msg = f"step {step} samples (greedy):\n" + "\n".join(lines)
     (bar.write if bar is not None else print)(msg)
     with open(out / "samples.jsonl", "a") as f:
-        for p, c, r in zip(b.prompts, b.completions, rewards):
+        for p, c, r in rows:
             f.write(json.dumps({"step": step, "prompt": p, "completion": c, "reward": r}) + "\n")
 
 

@@ -3,10 +3,10 @@
     python train/data/make_data.py
 
 - ``arith_demos.jsonl``: supervised warm-up demonstrations ``{"prompt": "23+58=", "response": "81"}``.
-  About a third of them carry a *wrong* answer (one digit off), like a sloppy human labeller, so the
+  About 40% of them carry a *wrong* answer (one digit off), like a sloppy human labeller, so the
   warmed-up policy is a real but imperfect LM and RL has room to raise the reward.
 - ``arith_prompts.jsonl``: RL prompts ``{"prompt": "23+58=", "answer": "81"}`` (reward = answer checked).
-- ``arith_eval.jsonl``: held-out prompts for the evaluation samples.
+- ``arith_eval.jsonl``: a few prompts whose greedy completions are shown at each evaluation.
 """
 
 import json
@@ -14,7 +14,9 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).parent
-MAX = 19  # operands in 0..MAX
+MAX = 12  # operands in 0..MAX
+NOISE = 0.4  # share of demonstrations with a wrong answer
+REPEAT = 4  # each sum appears this many times among the demonstrations (with independent noise)
 
 
 def corrupt(ans: str, rng: random.Random) -> str:
@@ -30,11 +32,11 @@ def main() -> None:
     rng = random.Random(1234)
     pairs = [(a, b) for a in range(MAX + 1) for b in range(MAX + 1)]
     rng.shuffle(pairs)
-    eval_pairs, rest = pairs[:40], pairs[40:]
+    eval_pairs, rest = pairs[:8], pairs
     with open(HERE / "arith_demos.jsonl", "w") as f:
-        for a, b in rest:
+        for a, b in rest * REPEAT:
             ans = str(a + b)
-            resp = corrupt(ans, rng) if rng.random() < 0.35 else ans
+            resp = corrupt(ans, rng) if rng.random() < NOISE else ans
             f.write(json.dumps({"prompt": f"{a}+{b}=", "response": resp}) + "\n")
     with open(HERE / "arith_prompts.jsonl", "w") as f:
         for a, b in rest:

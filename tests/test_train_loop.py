@@ -1,0 +1,161 @@
+"""Trainer tests on a tiny random GPT-J (CPU): log-prob agreement, losses, FSDP ranks, resume, export."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train_fixtures import cfg_for, make_tiny_model, run_trainer, tiny_args
+
+from train import run as R
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _models(tiny, tmp_path, *extra):
+    cfg = cfg_for(tiny, tmp_path / "run", *extra)
+    d = R.Dist()
+    torch.manual_seed(0)
+    return cfg, d, R.build_models(cfg, d, print)
+
+
+def _experience(m, cfg, d, n=8):
+    prompts = R.load_prompts(cfg.dataset, "train", "prompt")[:n]
+    b = R.rollout(m, prompts, cfg, d, sampling_logprobs=True)
+    R.score(m, b, d, print)
+    R.make_experience(m, b, cfg, R.KLController(cfg.kl_init, cfg.kl_target, cfg.kl_horizon), b.scores)
+    R.compute_advantages(b, cfg, d)
+    return b
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("backend", ["auto", "eager"])
+def test_generation_logprobs_equal_training_logprobs(tiny, tmp_path, temperature, backend):
+    cfg, d, m = _models(tiny, tmp_path, "--temperature", str(temperature), "--kernel-backend", backend)
+    torch.manual_seed(1)
+    b = _experience(m, cfg, d)
+    assert b.prompt_len > 1 and (b.attention_mask[:, 0] == 0).any(), "the batch should contain left padding"
+    assert b.mask.sum() > 8
+    # logp_old comes from the training forward (fused head from hidden states, position ids from the mask)
+    torch.testing.assert_close(b.logp_old, b.logp_sample, atol=2e-5, rtol=0)
+    # and the frozen initial policy starts equal to the policy
+    torch.testing.assert_close(b.logp_init, b.logp_old, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("algo", ["apa", "ppo", "awr"])
+def test_each_algorithm_loss_decreases_on_a_fixed_batch(tiny, tmp_path, algo):
+    cfg, d, m = _models(tiny, tmp_path, "--algo", algo, "--lr", "3e-3", "--critic", "shared" if algo == "awr" else "separate")
+    torch.manual_seed(2)
+    b = _experience(m, cfg, d)
+    assert torch.isfinite(b.advantages).all() and b.advantages[b.mask].abs().sum() > 0
+    params = [p for mod in (m.policy, m.critic) if mod is not None for p in mod.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, foreach=False)
+    with torch.no_grad():
+        before = float(R.policy_loss(m, b, cfg)[0])
+    for i in range(6):
+        R.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(i))
+    with torch.no_grad():
+        after = float(R.policy_loss(m, b, cfg)[0])
+    assert math.isfinite(before) and after < before, (algo, before, after)
+
+
+def test_apa_loss_is_the_formula(tiny, tmp_path):
+    """The fused APA loss of the trainer equals sum(m * (logp - logp_init - A/lam)^2) / n from eager log-probs."""
+    cfg, d, m = _models(tiny, tmp_path)
+    torch.manual_seed(3)
+    b = _experience(m, cfg, d)
+    b.advantages = torch.randn_like(b.advantages) * b.mask
+    with torch.no_grad():
+        fused = float(R.policy_loss(m, b, cfg)[0])
+        req = R.HeadRequest(R.labels_of(b), b.prompt_len - 1, cfg.temperature, backend="eager")
+        logp = R.head_forward(m.policy, b, req)["logprobs"]
+    ref = float(((logp - b.logp_init - b.advantages / cfg.lam) ** 2 * b.mask).sum() / b.mask.sum())
+    assert fused == pytest.approx(ref, rel=1e-5)
+
+
+def test_nan_rewards_are_reported_and_left_out(tiny, tmp_path, capsys):
+    cfg, d, m = _models(tiny, tmp_path, "--reward-model", "tests.train_fixtures:nan_reward")
+    prompts = R.load_prompts(cfg.dataset, "train", "prompt")[:8]
+    b = R.rollout(m, prompts, cfg, d)
+    n_bad = R.score(m, b, d, print)
+    assert n_bad == 4
+    assert "not a finite number for 4/8 samples" in capsys.readouterr().out
+    assert not b.mask[1::2].any() and b.mask[0::2].any()
+    R.make_experience(m, b, cfg, R.KLController(0.05, 6, 1e4), b.scores)
+    R.compute_advantages(b, cfg, d)
+    assert torch.isfinite(b.rewards).all() and torch.isfinite(b.advantages).all()
+    assert (b.advantages[1::2] == 0).all()
+
+
+def test_one_to_two_ranks_same_parameters(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.train_fixtures import REPO, env
+
+    outs = {}
+    for n in (1, 2):
+        f = tmp_path / f"w{n}.pt"
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_port",
+               str(29900 + n), str(REPO / "tests" / "train_fixtures.py"), "one-update", str(tiny), str(f)]
+        p = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-3000:]
+        outs[n] = torch.load(f, weights_only=True)
+    a, b = outs[1], outs[2]
+    assert set(a) == set(b)
+    from safetensors.torch import load_file
+
+    init = load_file(str(tiny / "model.safetensors"))
+    step = max((a["policy." + k] - v).abs().max().item() for k, v in init.items())
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"1 vs 2 ranks: max |param diff| {diff:.3g} (largest update {step:.3g})")
+    assert step > 1e-2
+    assert diff <= 1e-5 * step
+
+
+def _rows(out: Path) -> list[dict]:
+    drop = {"tokens_per_s", "iter_s"}
+    return [{k: v for k, v in json.loads(ln).items() if k not in drop} for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_kill_resume_and_export(tiny, tmp_path):
+    """One run of 4 iterations; another stopped after 2 and resumed: identical metrics. The export loads."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    p = run_trainer(tiny_args(tiny, full, "--steps", "4", "--save-every", "2", "--eval-every", "2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_trainer(tiny_args(tiny, part, "--steps", "4", "--save-every", "2", "--stop-after", "3"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(_rows(part)) == 3  # ran past its last checkpoint (step 2), as a kill would
+    # a checkpoint being written when the process died: a temp dir that must never be loaded
+    (part / "checkpoints" / "step_000004.tmp-999").mkdir()
+    p = run_trainer(["--resume", str(part)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "step_000002" in p.stdout
+    a, b = _rows(full), _rows(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert a == b
+    row = a[0]
+    for k in ("step", "reward_mean", "kl", "kl_sqrt_k3", "loss", "entropy"):
+        assert k in row and math.isfinite(row[k])
+    assert "tokens_per_s" in json.loads((full / "metrics.jsonl").read_text().splitlines()[0])
+    assert (full / "plot.png").stat().st_size > 1000
+    assert (full / "samples.jsonl").exists()
+    # the export: safetensors, loadable as a plain causal LM, equal to the trained policy
+    from transformers import AutoModelForCausalLM, GPTJForCausalLM
+
+    final = full / "final"
+    assert (final / "model.safetensors").exists()
+    lm = AutoModelForCausalLM.from_pretrained(final)
+    assert isinstance(lm, GPTJForCausalLM) and type(lm.lm_head) is torch.nn.Linear
+    init = AutoModelForCausalLM.from_pretrained(tiny)
+    assert not torch.equal(lm.lm_head.weight, init.lm_head.weight)  # trained
+    ids = torch.tensor([[5, 6, 13, 7, 14]])
+    assert torch.isfinite(lm(ids).logits).all()

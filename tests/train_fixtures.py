@@ -1,0 +1,118 @@
+"""Shared pieces of the trainer tests: a tiny random GPT-J on disk, test rewards, and a torchrun entry.
+
+    torchrun --nproc_per_node=2 tests/train_fixtures.py one-update MODEL_DIR OUT.pt
+
+runs one rollout + one update on a fixed global batch and saves the full parameters (rank 0).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = str(REPO / "train" / "data" / "arith_prompts.jsonl")
+
+
+def make_tiny_model(path: Path, seed: int = 0, n_layer: int = 2, n_embd: int = 32) -> Path:
+    """A random tiny GPTJForCausalLM with the offline character tokenizer, saved with save_pretrained."""
+    from transformers import GPTJForCausalLM
+
+    from train.offline import build_tokenizer, tiny_gptj_config
+
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    model = GPTJForCausalLM(tiny_gptj_config(tok, n_layer=n_layer, n_embd=n_embd, n_head=2, rotary_dim=8))
+    with torch.no_grad():  # a less uniform start: non-trivial log-probs and rewards
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)
+
+
+def digit_reward(prompts, completions, **_):
+    """Deterministic, non-trivial: the sum of the completion's digits / 10."""
+    return [sum(int(ch) for ch in c if ch.isdigit()) / 10.0 for c in completions]
+
+
+def nan_reward(prompts, completions, **_):
+    """Every other sample gets a non-number (NaN, then a string)."""
+    return [(float("nan") if i % 4 == 1 else "abc") if i % 2 else 1.0 for i in range(len(completions))]
+
+
+def tiny_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--model", str(model_dir), "--reward-model", "tests.train_fixtures:digit_reward", "--dataset", PROMPTS,
+        "--out", str(out), "--batch-size", "8", "--minibatch-size", "4", "--epochs", "1", "--max-new-tokens", "4",
+        "--max-prompt-len", "16", "--lr", "1e-3", "--unfrozen-layers", "-1", "--threads", "1", "--no-progress",
+        "--no-tensorboard", "--eval-every", "0", *extra,
+    ]
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    e["OMP_NUM_THREADS"] = "1"
+    e.pop("TRITON_INTERPRET", None)
+    return e
+
+
+def run_trainer(args: list[str], timeout: int = 120, nproc: int = 0) -> subprocess.CompletedProcess:
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+               str(29600 + os.getpid() % 300), "-m", "train.run", *args]
+    else:
+        cmd = [sys.executable, "-m", "train.run", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def cfg_for(model_dir: Path, out: Path, *extra: str):
+    from train.config import parse_args
+
+    return parse_args(tiny_args(model_dir, out, *extra))
+
+
+def one_update(model_dir: str, out_file: str) -> None:
+    """One rollout (greedy: the same tokens for any world size) and one update on the global batch."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from train import run as R
+
+    torch.set_num_threads(1)
+    # SGD without clipping: unlike Adam, its step shows whether gradients were averaged or summed over ranks
+    cfg = cfg_for(Path(model_dir), Path(out_file).parent / "unused", "--batch-size", "8", "--minibatch-size", "8",
+                  "--max-grad-norm", "0", "--lr", "0.5")
+    d = R.setup_dist()
+    torch.manual_seed(0)
+    m = R.build_models(cfg, d, print)
+    params = [p for mod in (m.policy, m.critic) for p in mod.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, foreach=False)
+    prompts = R.load_prompts(cfg.dataset, "train", "prompt")[:8]
+    per = 8 // d.world
+    b = R.rollout(m, prompts[d.rank * per : (d.rank + 1) * per], cfg, d, greedy=True)
+    R.score(m, b, d, print)
+    R.make_experience(m, b, cfg, R.KLController(0.05, 6, 10000), b.scores)
+    R.compute_advantages(b, cfg, d)
+    R.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(0))
+    full = {}
+    for name, mod in (("policy", m.policy), ("critic", m.critic)):
+        if d.mesh is not None:
+            sd = get_model_state_dict(mod, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            sd = mod.state_dict()
+        full.update({f"{name}.{k}": v.detach().clone().cpu() for k, v in sd.items()})
+    if d.rank == 0:
+        torch.save(full, out_file)
+    if d.mesh is not None:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "one-update":
+        one_update(sys.argv[2], sys.argv[3])
