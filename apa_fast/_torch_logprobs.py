@@ -12,10 +12,28 @@ either without knowing which:
 slice ``logits[:, :-1]`` needs no copy); per-token tensors are flat (N = B*T,) and contiguous; rows
 whose label is ``ignore_index`` give 0 and get no gradient.
 
-CPU is bound by exp throughput and memory passes, not FLOPs, so each chunk is read once into an
-L2-sized fp32 scratch, exponentiated once, and (for the scalar APA loss, whose upstream gradient is
-a scalar) its gradient is written in the same pass: one read of the logits, one exp and one write of
-the gradient per element, against eager's two exps and five full-size passes.
+On CPU the cost is exp throughput, memory passes and, on a busy machine, the number of parallel
+regions (each ATen op over a chunk is one OpenMP fork/join; a worker descheduled by another process
+stalls the join, so thousands of small regions cost far more than their arithmetic). So each chunk
+goes through as few whole-chunk ops as possible, built on ATen's fused row-wise kernels:
+
+- forward log-probs: one ``log_softmax`` into a scratch (max, sum of exp and the write happen per row
+  while the row is in cache), then a gather;
+- APA loss with gradient: one ``softmax`` written straight into the gradient buffer (one read of the
+  logits, one exp per element), then one in-place scale by each row's ``-dL/dlogp`` and a scatter of
+  the one-hot part: the gradient for an upstream gradient of 1 is finished in the forward pass;
+- backward of the log-probs: the same ``softmax`` + scale (recomputing instead of saving anything
+  full-size), with a sub/exp path only when an entropy gradient is asked for.
+
+``log p_y`` is taken from the softmax only where ``p_y`` is far from fp32 underflow; the rare rows
+below 1e-30 get ``u_y - logsumexp(u)`` instead. Chunks hold up to 4 Mi elements (16 MiB in fp32):
+big enough that a chunk costs few fork/joins, small against the (N, V) gradient the caller keeps.
+
+That gradient is the one full-size tensor written, and on CPU writing a *fresh* buffer costs more
+than the arithmetic: every 4 KiB page faults on first touch (measured here: ~1-2 GB/s against
+~5-8 GB/s for a buffer already touched). So large CPU gradient buffers are advised as transparent
+huge pages (``madvise(MADV_HUGEPAGE)`` before first touch, what PyTorch itself does when
+``THP_MEM_ALLOC_ENABLE=1`` is set) -- a hint that is skipped wherever it is unavailable.
 """
 
 from __future__ import annotations
@@ -23,36 +41,87 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Rows per chunk: about 1 MiB of fp32 scratch per buffer, so a chunk stays in L2 across its ops.
-_CHUNK_ELEMS = 1 << 18
+# Elements per chunk of whole rows (16 MiB of fp32 scratch where a scratch is needed at all).
+_CHUNK_ELEMS = 1 << 22
+_TINY = 1e-30  # below this p_y, log(p_y) is recomputed as u_y - logsumexp(u)
+
+
+_HUGE_MIN_BYTES = 64 << 20
+_MADV_HUGEPAGE = 14  # Linux
+_madvise = None
+
+
+def _advise_hugepages(t: Tensor) -> None:
+    """Ask Linux to back a large, not yet touched CPU buffer with 2 MiB pages (a hint; never fails)."""
+    global _madvise
+    try:
+        if _madvise is None:
+            import ctypes
+            import sys
+
+            if not sys.platform.startswith("linux"):
+                _madvise = False
+                return
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.madvise
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            _madvise = fn
+        if _madvise is False:
+            return
+        huge = 1 << 21
+        start = (t.data_ptr() + huge - 1) & ~(huge - 1)
+        end = (t.data_ptr() + t.numel() * t.element_size()) & ~(huge - 1)
+        if end > start:
+            _madvise(start, end - start, _MADV_HUGEPAGE)
+    except Exception:
+        _madvise = False
+
+
+def _empty_grad(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """torch.empty for the full-size gradient, huge-page backed on CPU when large."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if t.device.type == "cpu" and t.numel() * t.element_size() >= _HUGE_MIN_BYTES:
+        _advise_hugepages(t)
+    return t
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _rows(T: int, V: int) -> int:
+    return max(1, min(T, _CHUNK_ELEMS // max(V, 1)))
+
+
 def _chunks(x3: Tensor):
     """Yield (flat_start, rows_view) over x3 in chunks of whole rows."""
     B, T, V = x3.shape
-    rows = max(1, min(T, _CHUNK_ELEMS // max(V, 1)))
+    rows = _rows(T, V)
     for b in range(B):
         for t0 in range(0, T, rows):
             t1 = min(T, t0 + rows)
             yield b * T + t0, x3[b, t0:t1]
 
 
-def _shifted(z: Tensor, tau: float, scratch: Tensor) -> tuple[Tensor, Tensor]:
-    """t = (z - max z) / tau in fp32 scratch; returns (t, rowmax/tau)."""
-    zmax = z.amax(-1, keepdim=True).to(scratch.dtype)
-    t = torch.sub(z, zmax, out=scratch[: z.shape[0]])
-    if tau != 1.0:
-        t.mul_(1.0 / tau)
-        zmax = zmax / tau
-    return t, zmax
+def _scaled(z: Tensor, tau: float, scratch: Tensor | None) -> Tensor:
+    """u = z / tau (z itself when tau == 1), in the accumulation dtype's scratch when scaled."""
+    if tau == 1.0:
+        return z
+    # upcast first: z * (1/tau) on bf16 would round in bf16 before landing in the fp32 scratch
+    return scratch[: z.shape[0]].copy_(z).mul_(1.0 / tau)
 
 
-def _label_logits(z: Tensor, safe: Tensor, acc: torch.dtype, tau: float) -> Tensor:
-    return z.gather(-1, safe.unsqueeze(-1)).squeeze(-1).to(acc) / tau
+def _logp_from_p(p: Tensor, u: Tensor, idx: Tensor, acc: torch.dtype) -> Tensor:
+    """log p_y from softmax probabilities, exact where p_y would lose digits to underflow."""
+    py = p.gather(-1, idx).squeeze(-1)
+    logp = py.log()
+    bad = py < _TINY
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(-1)
+        ub = u[rows].to(acc)
+        logp[rows] = ub.gather(-1, idx[rows]).squeeze(-1) - torch.logsumexp(ub, -1)
+    return logp
 
 
 def logprobs_fwd(
@@ -66,20 +135,22 @@ def logprobs_fwd(
     ent = torch.empty(N, dtype=acc, device=x3.device) if return_entropy else None
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)
-    rows = max(1, min(T, _CHUNK_ELEMS // max(V, 1)))
+    rows = _rows(T, V)
     scratch = torch.empty(rows, V, dtype=acc, device=x3.device)
+    uscratch = torch.empty(rows, V, dtype=acc, device=x3.device) if tau != 1.0 else None
     escratch = torch.empty(rows, V, dtype=acc, device=x3.device) if return_entropy else None
     for s0, z in _chunks(x3):
         r = z.shape[0]
-        t, zmax = _shifted(z, tau, scratch)
-        e = torch.exp(t, out=escratch[:r]) if return_entropy else t.exp_()
-        s = e.sum(-1)
-        log_s = s.log()
-        lse[s0 : s0 + r] = zmax.squeeze(-1) + log_s
-        logp[s0 : s0 + r] = _label_logits(z, safe[s0 : s0 + r], acc, tau) - lse[s0 : s0 + r]
+        sl = slice(s0, s0 + r)
+        u = _scaled(z, tau, uscratch)
+        ls = torch.log_softmax(u, -1, dtype=acc, out=scratch[:r])  # u - lse, one fused row-wise pass
+        idx = safe[sl].unsqueeze(-1)
+        lp = ls.gather(-1, idx).squeeze(-1)
+        logp[sl] = lp
+        lse[sl] = u.gather(-1, idx).squeeze(-1).to(acc) - lp
         if return_entropy:
-            # H = lse - E_p[u] = log s - E_p[t]
-            ent[s0 : s0 + r] = log_s - torch.linalg.vecdot(e, t) / s
+            # H = -sum p * log p
+            ent[sl] = -torch.linalg.vecdot(torch.exp(ls, out=escratch[:r]), ls)
     logp.masked_fill_(~valid, 0.0)
     if ent is not None:
         ent.masked_fill_(~valid, 0.0)
@@ -104,28 +175,35 @@ def logprobs_bwd(
     g = torch.zeros(B * T, dtype=acc, device=x3.device) if g_logp is None else g_logp.to(acc)
     g = torch.where(valid, g, 0.0)
     ge = None if g_ent is None else torch.where(valid, g_ent.to(acc), 0.0)
-    grad = torch.empty((B, T, V), dtype=x3.dtype, device=x3.device)
-    rows = max(1, min(T, _CHUNK_ELEMS // max(V, 1)))
-    scratch = torch.empty(rows, V, dtype=acc, device=x3.device)
+    grad = _empty_grad((B, T, V), x3.dtype, x3.device)
+    rows = _rows(T, V)
+    direct = x3.dtype == acc  # the gradient buffer itself can hold the fp32/fp64 probabilities
+    scratch = None if (direct and ge is None and tau == 1.0) else torch.empty(rows, V, dtype=acc, device=x3.device)
+    uscratch = torch.empty(rows, V, dtype=acc, device=x3.device) if tau != 1.0 else None
     pscratch = torch.empty(rows, V, dtype=acc, device=x3.device) if ge is not None else None
+    gflat = grad.view(B * T, V)
     for s0, z in _chunks(x3):
         r = z.shape[0]
         sl = slice(s0, s0 + r)
-        gslice = grad.view(B * T, V)[sl]
+        gr = g[sl].unsqueeze(-1)
+        idx = safe[sl].unsqueeze(-1)
+        if ge is None:
+            # dz = g * (onehot - softmax(u)) / tau: softmax recomputed (one fused pass), then scaled
+            u = _scaled(z, tau, uscratch)
+            p = torch.softmax(u, -1, dtype=acc, out=gflat[sl] if direct else scratch[:r])
+            p.mul_(-gr / tau)
+            p.scatter_add_(-1, idx, gr / tau)
+            if not direct:
+                gflat[sl].copy_(p)
+            continue
         t = torch.sub(z, (lse[sl] * tau).unsqueeze(-1), out=scratch[:r])
         if tau != 1.0:
             t.mul_(1.0 / tau)
-        gr = g[sl].unsqueeze(-1)
-        if ge is None:
-            t.exp_().mul_(-gr / tau)
-            out = t
-        else:
-            p = torch.exp(t, out=pscratch[:r])
-            # -(g + ge * (t + H)) * p
-            t.add_(entropy[sl].unsqueeze(-1)).mul_(ge[sl].unsqueeze(-1)).add_(gr).mul_(p).mul_(-1.0 / tau)
-            out = t
-        out.scatter_add_(-1, safe[sl].unsqueeze(-1), gr / tau)
-        gslice.copy_(out)
+        p = torch.exp(t, out=pscratch[:r])
+        # -(g + ge * (t + H)) * p
+        t.add_(entropy[sl].unsqueeze(-1)).mul_(ge[sl].unsqueeze(-1)).add_(gr).mul_(p).mul_(-1.0 / tau)
+        t.scatter_add_(-1, idx, gr / tau)
+        gflat[sl].copy_(t)
     return grad
 
 
@@ -154,26 +232,32 @@ def apa_loss_fwd(
     n_acc = n.to(acc).clamp(min=1)
     lse = torch.empty(N, dtype=acc, device=x3.device)
     resid = torch.empty(N, dtype=acc, device=x3.device)
-    grad = torch.empty((B, T, V), dtype=x3.dtype, device=x3.device) if need_grad else None
-    direct = need_grad and x3.dtype == acc  # write exp straight into the gradient buffer
-    rows = max(1, min(T, _CHUNK_ELEMS // max(V, 1)))
-    scratch = torch.empty(rows, V, dtype=acc, device=x3.device)
+    grad = _empty_grad((B, T, V), x3.dtype, x3.device) if need_grad else None
+    gflat = grad.view(N, V) if need_grad else None
+    direct = need_grad and x3.dtype == acc  # softmax straight into the gradient buffer
+    rows = _rows(T, V)
+    scratch = None if direct else torch.empty(rows, V, dtype=acc, device=x3.device)
+    uscratch = torch.empty(rows, V, dtype=acc, device=x3.device) if tau != 1.0 else None
     for s0, z in _chunks(x3):
         r = z.shape[0]
         sl = slice(s0, s0 + r)
-        t, zmax = _shifted(z, tau, scratch)
-        e = torch.exp(t, out=grad.view(N, V)[sl]) if direct else t.exp_()
-        s = e.sum(-1)
-        lse[sl] = zmax.squeeze(-1) + s.log()
-        logp = _label_logits(z, safe[sl], acc, tau) - lse[sl]
+        idx = safe[sl].unsqueeze(-1)
+        u = _scaled(z, tau, uscratch)
+        uy = u.gather(-1, idx).squeeze(-1).to(acc)
+        if need_grad:
+            p = torch.softmax(u, -1, dtype=acc, out=gflat[sl] if direct else scratch[:r])
+            logp = _logp_from_p(p, u, idx, acc)
+        else:
+            logp = torch.log_softmax(u, -1, dtype=acc, out=scratch[:r]).gather(-1, idx).squeeze(-1)
+        lse[sl] = uy - logp
         res = torch.where(valid[sl], logp - target[sl], 0.0)
         resid[sl] = res
-        c = 2.0 * res / n_acc
         if need_grad:
-            # dL/dz = c * (onehot - e/s) / tau, rounded once into the gradient's dtype
-            e.mul_((-c / (s * tau)).unsqueeze(-1))
-            e.scatter_add_(-1, safe[sl].unsqueeze(-1), (c / tau).unsqueeze(-1))
+            # dL/dz = c * (onehot - p) / tau with c = dL/dlogp, rounded once into the gradient's dtype
+            c = (2.0 / tau) * res / n_acc
+            p.mul_(-c.unsqueeze(-1))
+            p.scatter_add_(-1, idx, c.unsqueeze(-1))
             if not direct:
-                grad.view(N, V)[sl].copy_(e)
+                gflat[sl].copy_(p)
     loss = (resid * resid).sum() / n_acc
     return loss, lse, 2.0 * resid / n_acc, grad
