@@ -94,7 +94,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "offline": dict(
         reward_model="train.offline:arith_reward",
         dataset=None,  # the shipped train/data/arith_prompts.jsonl
-        steps=150, batch_size=64, minibatch_size=32, epochs=2, lr=3e-4, lam=0.1, reward_scale="none",
+        steps=250, batch_size=64, minibatch_size=32, epochs=2, lr=3e-4, lam=0.1, reward_scale="none",
         max_new_tokens=4, max_prompt_len=16, unfrozen_layers=-1, save_every=50, eval_every=50, threads=1,
     ),
     "gptj": dict(
@@ -121,13 +121,13 @@ def preset_name(model: str) -> str:
 def apply_preset(cfg: Config) -> Config:
     """Fill unset fields from the preset of ``cfg.model``; AWR's default lam is 1 (its paper's)."""
     p = PRESETS[preset_name(cfg.model)]
+    if cfg.algo == "awr" and cfg.lam == _UNSET["lam"]:
+        cfg.lam = 1.0  # AWR's own default temperature (exp(A/0.1) of whitened advantages overflows)
     for k, unset in _UNSET.items():
         if getattr(cfg, k) == unset and k in p:
             setattr(cfg, k, p[k])
     if cfg.model == "gptj":
         cfg.model = p["model"]
-    if cfg.algo == "awr" and cfg.lam == p.get("lam") and preset_name(cfg.model) != "offline":
-        cfg.lam = 1.0
     if cfg.threads < 0:
         cfg.threads = 0
     if cfg.minibatch_size > cfg.batch_size:

@@ -94,6 +94,9 @@ def _check_json_lines(path: str, column: str) -> None:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise LoadError(f"{path}: row {row} (line {lineno}) is not valid JSON ({e.msg}); fix or remove it") from None
+            if isinstance(obj, dict) and column not in obj:
+                raise LoadError(f"{path}: row {row} (line {lineno}) has no {column!r} field (it has {sorted(obj)}); "
+                                f"fix the row or pass --prompt-column")
             if not isinstance(obj, dict) or not isinstance(obj.get(column), str) or not obj[column].strip():
                 got = obj.get(column) if isinstance(obj, dict) else obj
                 raise LoadError(f"{path}: row {row} (line {lineno}) has {column!r} = {got!r}; expected a non-empty string")

@@ -30,7 +30,7 @@ import apa_fast
 
 from . import checkpoint as ckpt
 from .config import Config, parse_args, preset_name
-from .loading import load_causal_lm, load_prompts, load_tokenizer
+from .loading import check_model_source, load_causal_lm, load_prompts, load_tokenizer
 from .metrics import MetricsLog, plot_runs, read_metrics
 from .models import (
     HeadRequest, LoadError, freeze_bottom, install_fused_head, make_critic, position_ids_from_mask, shard,
@@ -429,6 +429,9 @@ def iteration_metrics(b: Batch, d: Dist, n_bad: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars: noise next to ours
     try:
         return train(cfg, argv)
     except LoadError as e:
@@ -463,6 +466,8 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
     out = Path(cfg.out or f"runs/{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.out = str(out)
     torch.manual_seed(cfg.seed)
+    if cfg.model != "offline":
+        check_model_source(cfg.model, "policy", " (about 24 GB)" if cfg.model == "Dahoas/gptj-sft-static" else "")
     prompts = load_prompts(cfg.dataset, cfg.dataset_split, cfg.prompt_column)
     if preset_name(cfg.model) == "offline" and cfg.dataset is None:  # held-out sums
         eval_prompts = load_prompts(str(Path(__file__).parent / "data" / "arith_eval.jsonl"), "train", "prompt")

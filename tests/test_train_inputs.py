@@ -1,0 +1,182 @@
+"""Trainer inputs: the GPT-J reward converter, reward functions, and each bad input giving one clear line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train_fixtures import PROMPTS, make_tiny_model, tiny_args
+
+from train import run as R
+from train.config import parse_args
+from train.models import LoadError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", n_layer=1)
+
+
+def _main_error(argv, capsys) -> str:
+    rc = R.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ---------------------------------------------------------------- the paper's GPT-J reward checkpoint
+
+
+def _tiny_gptj_config():
+    from train.offline import build_tokenizer, tiny_gptj_config
+
+    tok = build_tokenizer()
+    return tok, tiny_gptj_config(tok, n_layer=2, n_embd=32, n_head=2, rotary_dim=8)
+
+
+def _raw_rm_checkpoint(path: Path, config) -> dict:
+    """A raw state dict in the layout of Dahoas/gptj-rm-static: transformer.* + v_head.weight (+ old buffers)."""
+    from transformers import GPTJModel
+
+    torch.manual_seed(0)
+    body = GPTJModel(config)
+    sd = {f"transformer.{k}": v.clone() for k, v in body.state_dict().items()}
+    sd["v_head.weight"] = torch.randn(1, config.n_embd)
+    for i in range(config.n_layer):  # causal-mask buffers that older transformers saved
+        sd[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 8, 8, dtype=torch.bool))
+        sd[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e9)
+    torch.save(sd, path)
+    return sd
+
+
+def test_gptj_reward_converter_round_trip(tmp_path):
+    from transformers import GPTJModel
+
+    from train.rewards import GPTJRawReward, convert_gptj_reward_checkpoint, load_reward
+
+    tok, config = _tiny_gptj_config()
+    sd = _raw_rm_checkpoint(tmp_path / "hf_ckpt.pt", config)
+    rm = convert_gptj_reward_checkpoint(tmp_path / "hf_ckpt.pt", config)
+    for k, v in rm.state_dict().items():
+        if k in sd:
+            assert torch.equal(v, sd[k]), k
+    # independent oracle: a GPT-J body with the same weights, the head applied at the first EOS by hand
+    body = GPTJModel(config)
+    body.load_state_dict({k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")
+                          and not k.endswith(("attn.bias", "attn.masked_bias"))})
+    eos = tok.eos_token_id
+    ids = torch.tensor([[5, 6, 13, 7, 14, 8, eos, 9, eos], [5, 13, 6, 14, 9, eos, 0, 0, 0]])
+    am = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])
+    got = rm(ids, am, eos)
+    with torch.no_grad():
+        h = body(input_ids=ids, attention_mask=am).last_hidden_state
+        want = torch.stack([h[0, 6] @ sd["v_head.weight"][0], h[1, 5] @ sd["v_head.weight"][0]])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # through the trainer's reward path: prompt + completion + EOS, read at that EOS
+    reward = load_reward(str(tmp_path / "hf_ckpt.pt"), policy_config=config, tokenizer=tok, device="cpu",
+                         dtype=torch.float32, trust_remote_code=False)
+    assert isinstance(reward, GPTJRawReward)
+    s = reward(["1+2=", "12+3="], ["3", "15"])
+    with torch.no_grad():
+        e = tok(["1+2=3<eos>"], return_tensors="pt")
+        h = body(**e).last_hidden_state
+    assert s[0] == pytest.approx(float(h[0, -1] @ sd["v_head.weight"][0]), abs=1e-5)
+    assert len(s) == 2 and all(isinstance(x, float) for x in s)
+
+
+def test_gptj_reward_converter_rejects_other_checkpoints(tmp_path):
+    from train.rewards import convert_gptj_reward_checkpoint
+
+    _, config = _tiny_gptj_config()
+    torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "x.pt")
+    with pytest.raises(LoadError, match="not a GPT-J reward checkpoint"):
+        convert_gptj_reward_checkpoint(tmp_path / "x.pt", config)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(LoadError, match="weights_only=True"):
+        convert_gptj_reward_checkpoint(tmp_path / "junk.pt", config)
+
+
+def test_function_reward_and_arith_reward():
+    from train.offline import arith_reward
+    from train.rewards import FunctionReward
+
+    assert arith_reward(["3+4=", "10+12=", "hello"], ["7", "21", "1"])[:2] == [1.0, 0.0]
+    r = FunctionReward("tests.train_fixtures:nan_reward")(["a"] * 4, ["b"] * 4)
+    assert r[0] == 1.0 and all(x != x for x in r[1::2])  # NaN for non-numbers
+
+
+# ---------------------------------------------------------------- bad input: one clear line
+
+
+def test_missing_model_path(tmp_path, capsys):
+    line = _main_error(tiny_args(tmp_path / "no-such-model", tmp_path / "out"), capsys)
+    assert "cannot load" in line and "no-such-model" in line
+
+
+def test_gptj_preset_offline_says_what_to_download(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from train import loading
+
+    loading.hub_reachable.cache_clear()
+    line = _main_error(["--model", "gptj", "--out", str(tmp_path / "o")], capsys)
+    assert "Dahoas/gptj-sft-static" in line and "download" in line
+
+
+def test_unknown_reward_function(tiny, tmp_path, capsys):
+    args = tiny_args(tiny, tmp_path / "out")
+    args[args.index("--reward-model") + 1] = "tests.train_fixtures:no_such_reward"
+    line = _main_error(args, capsys)
+    assert "no_such_reward" in line
+
+
+@pytest.mark.parametrize(
+    "content,where",
+    [
+        ('{"prompt": "1+2="}\n{"prompt": "3+4="\n', "row 1 (line 2)"),
+        ('{"prompt": "1+2="}\n\n{"prompt": "3+4="}\n{"prompt": 5}\n', "row 2 (line 4)"),
+        ('{"prompt": "1+2="}\n{"question": "3+4="}\n', "row 1 (line 2)"),
+    ],
+)
+def test_malformed_dataset_rows_are_named(tiny, tmp_path, capsys, content, where):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content)
+    args = tiny_args(tiny, tmp_path / "out")
+    args[args.index("--dataset") + 1] = str(f)
+    line = _main_error(args, capsys)
+    assert where in line and "bad.jsonl" in line
+
+
+def test_missing_dataset_and_column(tiny, tmp_path, capsys):
+    args = tiny_args(tiny, tmp_path / "out")
+    args[args.index("--dataset") + 1] = str(tmp_path / "nope" / "data")
+    assert "cannot load dataset" in _main_error(args, capsys)
+    args = tiny_args(tiny, tmp_path / "out", "--prompt-column", "question")
+    line = _main_error(args, capsys)
+    assert "no 'question' field" in line and "row 0" in line
+
+
+def test_resume_without_a_run(tmp_path, capsys):
+    line = _main_error(["--resume", str(tmp_path)], capsys)
+    assert "--resume" in line
+
+
+def test_defaults_are_safe_and_help_explains(capsys):
+    cfg = parse_args([])
+    assert cfg.trust_remote_code is False and cfg.algo == "apa" and cfg.model == "offline"
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    h = capsys.readouterr().out
+    for flag in ("--algo", "--resume", "--kernel-backend", "--critic", "--unfrozen-layers", "--lam", "--precision"):
+        assert flag in h
+    g = parse_args(["--model", "gptj"])
+    assert (g.model, g.reward_model, g.dataset, g.lam, g.lr, g.unfrozen_layers, g.max_new_tokens) == (
+        "Dahoas/gptj-sft-static", "Dahoas/gptj-rm-static", "Dahoas/rm-static", 0.1, 1e-6, 2, 128)
+    assert (g.gamma, g.gae_lam) == (1.0, 0.95)
+    assert parse_args(["--algo", "awr"]).lam == 1.0
