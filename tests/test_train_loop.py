@@ -159,3 +159,33 @@ def test_end_to_end_kill_resume_and_export(tiny, tmp_path):
     assert not torch.equal(lm.lm_head.weight, init.lm_head.weight)  # trained
     ids = torch.tensor([[5, 6, 13, 7, 14]])
     assert torch.isfinite(lm(ids).logits).all()
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path):
+    """A real SIGKILL at an arbitrary moment after the first checkpoint; --resume gives the same metrics."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.train_fixtures import REPO, env
+
+    args = ["--steps", "16", "--save-every", "3", "--no-export", "--no-plot"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    p = run_trainer(tiny_args(tiny, full, *args))
+    assert p.returncode == 0, p.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "train.run", *tiny_args(tiny, killed, *args)], cwd=REPO, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    t0 = time.time()
+    while time.time() - t0 < 90:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len(metrics.read_text().splitlines())
+    assert 7 <= n_before < 16, "the kill should land mid-run"
+    p = run_trainer(["--resume", str(killed)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _rows(killed) == _rows(full)

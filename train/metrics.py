@@ -14,7 +14,14 @@ class MetricsLog:
         self.path = Path(out) / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # a resumed run rewrites what came after its checkpoint
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            # (a kill may have left a half-written last line: it is dropped with the rest)
+            keep = []
+            for ln in self.path.read_text().splitlines():
+                try:
+                    if json.loads(ln)["step"] <= resume_step:
+                        keep.append(ln)
+                except (ValueError, KeyError, TypeError):
+                    continue
             self.path.write_text("".join(ln + "\n" for ln in keep))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -66,9 +73,11 @@ def plot_runs(runs: dict[str, list[dict]], png: Path, title: str = "") -> None:
         rew = [r["reward_mean"] for r in rows]
         (line,) = a.plot(steps, _smooth(rew), label=name)
         a.plot(steps, rew, color=line.get_color(), alpha=0.25, lw=0.8)
-        b.plot(steps, [r["kl_sqrt_k3"] for r in rows], label=name, color=line.get_color())
+        kl = [r["kl_sqrt_k3"] for r in rows]
+        b.plot(steps, _smooth(kl), label=name, color=line.get_color())
+        b.plot(steps, kl, color=line.get_color(), alpha=0.25, lw=0.8)
     a.set_xlabel("step")
-    a.set_ylabel("reward (mean per batch)")
+    a.set_ylabel("reward (batch mean; line: 5-step average)")
     a.set_title("reward")
     b.set_xlabel("step")
     b.set_ylabel("sqrt(mean k3) to the initial policy")

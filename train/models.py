@@ -176,7 +176,8 @@ def freeze_bottom(lm: nn.Module, unfrozen_layers: int) -> None:
     for name in ("ln_f", "norm", "final_layer_norm"):
         if hasattr(base, name):
             getattr(base, name).requires_grad_(True)
-    lm.get_output_embeddings().requires_grad_(True)
+    if hasattr(lm, "get_output_embeddings"):
+        lm.get_output_embeddings().requires_grad_(True)
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

@@ -475,6 +475,13 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
         eval_prompts = prompts
     eval_prompts = eval_prompts[: cfg.eval_samples]
     m = build_models(cfg, d, log)
+    n_pos = getattr(m.policy.config, "max_position_embeddings", None) or getattr(m.policy.config, "n_positions", None)
+    if n_pos and cfg.max_prompt_len + cfg.max_new_tokens > n_pos:
+        if cfg.max_new_tokens >= n_pos:
+            raise LoadError(f"--max-new-tokens {cfg.max_new_tokens} does not fit the model's {n_pos} positions")
+        log(f"note: prompts truncated to {n_pos - cfg.max_new_tokens} tokens so that prompt + {cfg.max_new_tokens} new "
+            f"tokens fit the model's {n_pos} positions")
+        cfg.max_prompt_len = n_pos - cfg.max_new_tokens
     params = [p for mod in (m.policy, m.critic) if mod is not None for p in mod.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
     trainer = Trainer(PromptSampler(prompts, cfg.batch_size, cfg.seed, d), KLController(cfg.kl_init, cfg.kl_target,
