@@ -180,3 +180,21 @@ def test_defaults_are_safe_and_help_explains(capsys):
         "Dahoas/gptj-sft-static", "Dahoas/gptj-rm-static", "Dahoas/rm-static", 0.1, 1e-6, 2, 128)
     assert (g.gamma, g.gae_lam) == (1.0, 0.95)
     assert parse_args(["--algo", "awr"]).lam == 1.0
+
+
+def test_hf_sequence_classification_reward(tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests.train_fixtures import make_tiny_seqcls_reward
+    from train.rewards import HFRewardModel, load_reward
+
+    path = make_tiny_seqcls_reward(tmp_path / "rm")
+    r = load_reward(str(path), policy_config=None, tokenizer=None, device="cpu", dtype=torch.float32,
+                    trust_remote_code=False)
+    assert isinstance(r, HFRewardModel)
+    got = r(["1+2=", "10+12="], ["3", "22"])
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    with torch.no_grad():
+        want = [float(model(**tok([t], return_tensors="pt")).logits[0, 0]) for t in ("1+2=3", "10+12=22")]
+    assert got == pytest.approx(want, abs=1e-5)

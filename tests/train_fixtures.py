@@ -116,3 +116,18 @@ def one_update(model_dir: str, out_file: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "one-update":
         one_update(sys.argv[2], sys.argv[3])
+
+
+def make_tiny_seqcls_reward(path: Path, seed: int = 1) -> Path:
+    """A random tiny GPTJForSequenceClassification reward model (num_labels=1) with the offline tokenizer."""
+    from transformers import GPTJForSequenceClassification
+
+    from train.offline import build_tokenizer, tiny_gptj_config
+
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    cfg = tiny_gptj_config(tok, n_layer=1, n_embd=32, n_head=2, rotary_dim=8)
+    cfg.num_labels = 1
+    GPTJForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)

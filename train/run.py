@@ -140,6 +140,9 @@ def build_models(cfg: Config, d: Dist, log) -> Models:
         shard(ref, d.mesh, None, extra=(ref.get_output_embeddings(),))
         if critic is not None:
             shard(critic, d.mesh, mp)
+        rm = getattr(reward, "model", None)  # a reward model (not a function): sharded like the frozen policy
+        if isinstance(rm, nn.Module):
+            shard(rm, d.mesh, None)
     elif bf16:
         policy.to(torch.bfloat16)
         if critic is not None:
