@@ -29,10 +29,14 @@ from torch import Tensor
 _MIN_WEIGHT_LOG10 = -250.0  # smallest (gamma*lam)**k a block may need, far from fp64 underflow
 
 
-def _block_len(gl: float, T: int) -> int:
+_MIN_WEIGHT_LOG10_FP32 = -30.0  # the same for a float32 scan (normal floats end at 1.2e-38)
+
+
+def _block_len(gl: float, T: int, min_log10: float | None = None) -> int:
     if gl >= 1.0 or gl <= 0.0:
         return T
-    return max(1, min(T, int(_MIN_WEIGHT_LOG10 / math.log10(gl))))
+    lim = _MIN_WEIGHT_LOG10 if min_log10 is None else min_log10
+    return max(1, min(T, int(lim / math.log10(gl))))
 
 
 def _suffix_sum(b: Tensor) -> Tensor:
@@ -45,20 +49,21 @@ def _suffix_sum(b: Tensor) -> Tensor:
 
 _WS = threading.local()
 _WS_MAX_BYTES = 64 << 20
+_SERIAL_ELEMS = 32767  # below ATen's parallel grain (32768): one thread, no fork/join
 
 
-def _workspace(n: int, B: int, T: int, device: torch.device) -> Tensor:
+def _workspace(n: int, B: int, T: int, device: torch.device, dtype: torch.dtype = torch.float64) -> Tensor:
     """``n`` float64 (B, T) buffers, reused across calls of the same shape (per thread).
 
     Fresh multi-MiB tensors come from mmap and pay a page fault per 4 KiB on first touch, which
     on CPU costs more than the arithmetic of this whole function; a reused workspace does not.
     """
-    key = (n, B, T, str(device))
+    key = (n, B, T, str(device), dtype)
     ws = getattr(_WS, "buf", None)
     if ws is not None and ws[0] == key:
         return ws[1]
-    buf = torch.empty(n, B, T, dtype=torch.float64, device=device)
-    if device.type == "cpu" and buf.numel() * 8 <= _WS_MAX_BYTES:
+    buf = torch.empty(n, B, T, dtype=dtype, device=device)
+    if device.type == "cpu" and buf.numel() * buf.element_size() <= _WS_MAX_BYTES:
         _WS.buf = (key, buf)
     return buf
 
@@ -77,7 +82,10 @@ def gae_fwd(
     gl = float(gamma) * float(lam)
     K = _block_len(gl, T)
     if gl > 0.0 and lam >= 0.05 and K >= T:  # (small lam: V/lam would cancel digits)
-        return _single_block(rewards, values, mask, gl, float(lam), last_values, out_dtype)
+        # float32 inputs scan in float32 where gl**T stays a normal float32 (T <= 1346 at gl = 0.95)
+        fp32_ok = out_dtype == torch.float32 and _block_len(gl, T, _MIN_WEIGHT_LOG10_FP32) >= T
+        cdt = torch.float32 if fp32_ok else torch.float64
+        return _single_block(rewards, values, mask, gl, float(lam), last_values, out_dtype, cdt)
     f64 = torch.float64
     mf = _mask_u8(mask).to(f64)
     # masked rewards/values may hold anything (NaN, inf, 1e6): zero them before any arithmetic
@@ -90,28 +98,46 @@ def gae_fwd(
 
 def _single_block(
     rewards: Tensor, values: Tensor, mask: Tensor, gl: float, lam: float, last_values: Tensor | None,
-    out_dtype: torch.dtype,
+    out_dtype: torch.dtype, cdt: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
     """No gather for V_next: with w_s = W_s / W_t,  gamma * sum_s w_s V_next(s) = sum_{s'>t} w_s' V_s' / lam
-    (+ the last_values term), so A_t = [sum_{s>=t} W_s (r_s + V_s (1/lam - 1)) + W_T last / lam] / W_t - V_t / lam.
-    In place in a reused float64 workspace: a dozen passes, two fresh tensors (the outputs).
+    (+ the last_values term), so, at valid t and with the inclusive count W'_t = gl**(valid steps <= t)
+    (= gl * W_t there),  A_t = [sum_{s>=t} W'_s (r_s + V_s (1/lam - 1)) + gl W_T last / lam] / W'_t - V_t / lam.
+
+    In place in a reused workspace (float32 for float32 inputs when gl**T allows, else float64), over
+    groups of rows small enough (< ATen's 32768-element grain) that every op runs on one thread with
+    its operands in L1/L2: sixteen passes per group and no OpenMP fork/join, which on a busy machine
+    costs more than the arithmetic.
     """
     B, T = rewards.shape
-    mf, r, v, W = _workspace(4, B, T, rewards.device).unbind(0)
-    mf.copy_(_mask_u8(mask))
-    # masked rewards/values may hold anything (NaN, inf, 1e6): zero them before any arithmetic
-    torch.mul(rewards, mf, out=r).nan_to_num_(0.0, 0.0, 0.0)
-    torch.mul(values, mf, out=v).nan_to_num_(0.0, 0.0, 0.0)
-    log_gl = math.log(gl)
-    torch.cumsum(mf, -1, out=W)  # valid steps in [0, t]
-    total = W[:, -1:].clone()
-    W.sub_(mf).mul_(log_gl).exp_()  # gl ** (valid steps before t)
-    S = _suffix_sum(r.add_(v, alpha=1.0 / lam - 1.0).mul_(W))
-    if last_values is not None:
-        S.add_(total.mul_(log_gl).exp_().mul_(last_values.to(S.dtype).view(-1, 1)).div_(lam))
-    S.div_(W).sub_(v, alpha=1.0 / lam).mul_(mf)
-    A = torch.empty(B, T, dtype=out_dtype, device=S.device).copy_(S)
-    R = torch.empty(B, T, dtype=out_dtype, device=S.device).copy_(S.add_(v))  # both 0 at masked steps
+    rows = max(1, min(B, _SERIAL_ELEMS // T))
+    ws = _workspace(4, rows, T, rewards.device, cdt)
+    m8 = _mask_u8(mask)
+    A = torch.empty(B, T, dtype=out_dtype, device=rewards.device)
+    R = torch.empty(B, T, dtype=out_dtype, device=rewards.device)
+    direct = out_dtype == cdt
+    lv = None
+    if last_values is not None:  # gl * W_T * last / lam, W_T = gl ** (valid steps in the row)
+        n_valid = m8.sum(-1, dtype=torch.float64)
+        lv = (torch.pow(gl, n_valid) * last_values.to(torch.float64) * (gl / lam)).to(cdt).view(-1, 1)
+    for b0 in range(0, B, rows):
+        b1 = min(B, b0 + rows)
+        mf, r, v, W = ws[:, : b1 - b0].unbind(0)
+        mf.copy_(m8[b0:b1])
+        # masked rewards/values may hold anything (NaN, inf, 1e6): zero them before any arithmetic
+        torch.mul(rewards[b0:b1], mf, out=r).nan_to_num_(0.0, 0.0, 0.0)
+        torch.mul(values[b0:b1], mf, out=v).nan_to_num_(0.0, 0.0, 0.0)
+        torch.pow(gl, torch.cumsum(mf, -1, out=W), out=W)  # gl ** (valid steps in [0, t])
+        S = _suffix_sum(r.add_(v, alpha=1.0 / lam - 1.0).mul_(W))
+        if lv is not None:
+            S.add_(lv[b0:b1])
+        a = torch.div(S, W, out=A[b0:b1]) if direct else S.div_(W)
+        a.sub_(v, alpha=1.0 / lam).mul_(mf)
+        if direct:
+            torch.add(a, v, out=R[b0:b1])  # both 0 at masked steps
+        else:
+            A[b0:b1].copy_(a)
+            R[b0:b1].copy_(a.add_(v))
     return A, R
 
 
