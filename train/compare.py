@@ -10,6 +10,7 @@ of the paper's Figure 1), plus a short table on stdout.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for algo in args.algos.split(","):
         t0 = time.time()
+        shutil.rmtree(out / algo, ignore_errors=True)  # compare owns OUT/<algo>: a re-run starts afresh
         cmd = [sys.executable, "-m", "train.run", "--algo", algo, "--seed", str(args.seed), "--out", str(out / algo),
                "--no-plot", *rest]
         print(f"== {algo}: {' '.join(cmd[1:])}", flush=True)

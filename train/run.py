@@ -468,6 +468,8 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
                         f"of the number of processes ({d.world})")
     out = Path(cfg.out or f"runs/{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.out = str(out)
+    if not cfg.resume and (out / "checkpoints").exists():
+        raise LoadError(f"{out} already holds a run with checkpoints; continue it with --resume {out} or pick another --out")
     torch.manual_seed(cfg.seed)
     if cfg.model != "offline":
         check_model_source(cfg.model, "policy", " (about 24 GB)" if cfg.model == "Dahoas/gptj-sft-static" else "")
