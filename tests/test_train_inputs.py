@@ -67,7 +67,8 @@ def test_gptj_reward_converter_round_trip(tmp_path):
     for k, v in rm.state_dict().items():
         if k in sd:
             assert torch.equal(v, sd[k]), k
-    # independent oracle: a GPT-J body with the same weights, the head applied at the first EOS by hand
+    # independent oracle: a GPT-J body with the same weights, the head applied by hand where the authors read it:
+    # rewards[c_ind - 1], c_ind = the first EOS (their PAD)
     body = GPTJModel(config)
     body.load_state_dict({k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")
                           and not k.endswith(("attn.bias", "attn.masked_bias"))})
@@ -77,9 +78,9 @@ def test_gptj_reward_converter_round_trip(tmp_path):
     got = rm(ids, am, eos)
     with torch.no_grad():
         h = body(input_ids=ids, attention_mask=am).last_hidden_state
-        want = torch.stack([h[0, 6] @ sd["v_head.weight"][0], h[1, 5] @ sd["v_head.weight"][0]])
+        want = torch.stack([h[0, 5] @ sd["v_head.weight"][0], h[1, 4] @ sd["v_head.weight"][0]])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    # through the trainer's reward path: prompt + completion + EOS, read at that EOS
+    # through the trainer's reward path: prompt + completion + EOS, read at the token before that EOS
     reward = load_reward(str(tmp_path / "hf_ckpt.pt"), policy_config=config, tokenizer=tok, device="cpu",
                          dtype=torch.float32, trust_remote_code=False)
     assert isinstance(reward, GPTJRawReward)
@@ -87,7 +88,7 @@ def test_gptj_reward_converter_round_trip(tmp_path):
     with torch.no_grad():
         e = tok(["1+2=3<eos>"], return_tensors="pt")
         h = body(**e).last_hidden_state
-    assert s[0] == pytest.approx(float(h[0, -1] @ sd["v_head.weight"][0]), abs=1e-5)
+    assert s[0] == pytest.approx(float(h[0, -2] @ sd["v_head.weight"][0]), abs=1e-5)
     assert len(s) == 2 and all(isinstance(x, float) for x in s)
 
 

@@ -5,7 +5,9 @@ NaN here; the trainer reports them and drops those samples from the loss (``scor
 
 The paper's reward model (``Dahoas/gptj-rm-static``) is not a transformers checkpoint: it is a raw
 ``torch.save``d state dict of a GPT-J ``transformer`` (keys ``transformer.*``) plus a bias-free
-``v_head = Linear(n_embd, 1)``, whose score is read at the first EOS after the text.
+``v_head = Linear(n_embd, 1)``. The text is scored with an EOS appended, and, as in the authors' code
+(``c_ind = first index of PAD(=EOS); score = rewards[c_ind - 1]``), the score is the head's output at the
+last token before that first EOS.
 ``convert_gptj_reward_checkpoint`` loads it (``weights_only=True``) into ``GPTJRewardModel``.
 """
 
@@ -73,7 +75,8 @@ class HFRewardModel:
 
 
 class GPTJRewardModel(nn.Module):
-    """The APA authors' GPT-J reward model: a GPT-J transformer and a bias-free scalar head at the first EOS."""
+    """The APA authors' GPT-J reward model: a GPT-J transformer and a bias-free scalar head, read where the
+    text ends (the position just before the first EOS)."""
 
     def __init__(self, config):
         super().__init__()
@@ -84,14 +87,15 @@ class GPTJRewardModel(nn.Module):
         self.v_head = nn.Linear(config.n_embd, 1, bias=False)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, eos_token_id: int) -> Tensor:
-        """Right-padded ``input_ids`` that end with an EOS; the score is read at the first EOS of each row."""
+        """Right-padded ``input_ids`` that end with an EOS. As the authors' ``rewards[c_ind - 1]``: the score at
+        the token before the first EOS (the last token when a row has no EOS)."""
         h = self.transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         r = self.v_head(h).squeeze(-1)
         is_eos = (input_ids == eos_token_id) & attention_mask.bool()
         T = input_ids.shape[1]
         last = attention_mask.long().sum(-1) - 1
-        first_eos = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), last)
-        return r.gather(1, first_eos.clamp(0, T - 1).unsqueeze(1)).squeeze(1).float()
+        end = torch.where(is_eos.any(-1), is_eos.float().argmax(-1) - 1, last)
+        return r.gather(1, end.clamp(0, T - 1).unsqueeze(1)).squeeze(1).float()
 
 
 def find_raw_checkpoint(name: str) -> Path | None:
