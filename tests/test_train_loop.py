@@ -104,8 +104,8 @@ def test_one_to_two_ranks_same_parameters(tiny, tmp_path):
     outs = {}
     for n in (1, 2):
         f = tmp_path / f"w{n}.pt"
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_port",
-               str(29900 + n), str(REPO / "tests" / "train_fixtures.py"), "one-update", str(tiny), str(f)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               str(REPO / "tests" / "train_fixtures.py"), "one-update", str(tiny), str(f)]
         p = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr[-3000:]
         outs[n] = torch.load(f, weights_only=True)
@@ -189,3 +189,17 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path):
     p = run_trainer(["--resume", str(killed)])
     assert p.returncode == 0, p.stderr[-3000:]
     assert _rows(killed) == _rows(full)
+
+
+def test_two_ranks_fsdp_resume_equals_uninterrupted(tiny, tmp_path):
+    """torchrun, 2 processes (FSDP2 + gloo): a run stopped after 3 iterations and resumed from its DCP checkpoint
+    at step 2 logs the same metrics as an uninterrupted run."""
+    args = ["--steps", "4", "--save-every", "2", "--no-export", "--no-plot"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    for out, extra in ((full, []), (part, ["--stop-after", "3"])):
+        p = run_trainer(tiny_args(tiny, out, *args, *extra), nproc=2)
+        assert p.returncode == 0, p.stderr[-3000:]
+    p = run_trainer(["--resume", str(part)], nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 process(es)" in p.stdout and "resumed from" in p.stdout
+    assert _rows(part) == _rows(full) and len(_rows(full)) == 4

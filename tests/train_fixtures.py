@@ -63,8 +63,8 @@ def env() -> dict:
 
 def run_trainer(args: list[str], timeout: int = 120, nproc: int = 0) -> subprocess.CompletedProcess:
     if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
-               str(29600 + os.getpid() % 300), "-m", "train.run", *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "train.run", *args]
     else:
         cmd = [sys.executable, "-m", "train.run", *args]
     return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
