@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -84,7 +85,9 @@ def save(ckpt_dir: Path, step: int, state: TrainState, keep: int = 2) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
-    dcp.save({"app": state}, checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # single process: DCP says it assumes no process group, which is right
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"app": state}, checkpoint_id=str(tmp))
     if dist.is_initialized():
         dist.barrier()
     if _rank() == 0:
@@ -117,7 +120,9 @@ def latest(ckpt_dir: Path) -> Path | None:
 
 
 def load(path: Path, state: TrainState) -> None:
-    dcp.load({"app": state}, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"app": state}, checkpoint_id=str(path))
 
 
 def export_pretrained(policy: torch.nn.Module, tokenizer, out: Path) -> None:

@@ -562,8 +562,11 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
     if d.main and cfg.plot and (out / "metrics.jsonl").exists():
         rows = read_metrics(out / "metrics.jsonl")
         plot_runs({cfg.algo: rows}, out / "plot.png", title=f"{cfg.algo} on {cfg.model}")
-        log(f"reward {rows[0]['reward_mean']:.3f} -> {rows[-1]['reward_mean']:.3f}, KL (k1) {rows[-1]['kl']:.3f}, "
-            f"sqrt(k3) {rows[-1]['kl_sqrt_k3']:.3f}; plot: {out / 'plot.png'}")
+        k = max(1, min(10, len(rows) // 4))
+        first = sum(r["reward_mean"] for r in rows[:k]) / k
+        last = sum(r["reward_mean"] for r in rows[-k:]) / k
+        log(f"reward (mean of the first / last {k} iterations) {first:.3f} -> {last:.3f}; final KL: k1 {rows[-1]['kl']:.3f}, "
+            f"sqrt(mean k3) {rows[-1]['kl_sqrt_k3']:.3f}; plot: {out / 'plot.png'}")
     _teardown(d)
     return 0
 
