@@ -58,6 +58,16 @@ def load_causal_lm(name: str, *, dtype, attn: str, trust_remote_code: bool, what
         raise LoadError(f"cannot load {what} {name!r} as a causal LM: {_first_line(e)}") from None
 
 
+def load_base_model(name: str, *, dtype, attn: str, trust_remote_code: bool):
+    """The transformer without its LM head (the critic's body)."""
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(name, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise LoadError(f"cannot load the critic's body from {name!r}: {_first_line(e)}") from None
+
+
 def load_tokenizer(name: str, *, trust_remote_code: bool, what: str = "tokenizer"):
     from transformers import AutoTokenizer
 

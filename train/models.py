@@ -13,7 +13,6 @@ as the whole weight.
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -172,10 +171,10 @@ def freeze_bottom(lm: nn.Module, unfrozen_layers: int) -> None:
     keep = list(blocks)[len(blocks) - unfrozen_layers :] if unfrozen_layers > 0 else []
     for m in keep:
         m.requires_grad_(True)
-    base = getattr(lm, "base_model", lm)
-    for name in ("ln_f", "norm", "final_layer_norm"):
-        if hasattr(base, name):
-            getattr(base, name).requires_grad_(True)
+    for base in (lm, getattr(lm, "base_model", None), getattr(lm, "body", None)):  # LM, HF base, or Critic
+        for name in ("ln_f", "norm", "final_layer_norm"):
+            if base is not None and isinstance(getattr(base, name, None), nn.Module):
+                getattr(base, name).requires_grad_(True)
     if hasattr(lm, "get_output_embeddings"):
         lm.get_output_embeddings().requires_grad_(True)
 
@@ -200,7 +199,7 @@ def shard(model: nn.Module, mesh, mp_policy=None, extra: tuple[nn.Module, ...] =
     return model
 
 
-def make_critic(lm: nn.Module) -> Critic:
-    body = copy.deepcopy(lm.base_model)
-    c = Critic(body, lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd)
-    return c.to(next(body.parameters()).device)
+def make_critic(body: nn.Module, config) -> Critic:
+    """A critic on ``body`` (the transformer of the SFT model): values from its final hidden states."""
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    return Critic(body, hidden).to(next(body.parameters()).device)

@@ -30,7 +30,7 @@ import apa_fast
 
 from . import checkpoint as ckpt
 from .config import Config, parse_args, preset_name
-from .loading import check_model_source, load_causal_lm, load_prompts, load_tokenizer
+from .loading import check_model_source, load_base_model, load_causal_lm, load_prompts, load_tokenizer
 from .metrics import MetricsLog, plot_runs, read_metrics
 from .models import (
     HeadRequest, LoadError, freeze_bottom, install_fused_head, make_critic, position_ids_from_mask, shard,
@@ -105,49 +105,62 @@ def attn_implementation(cfg: Config) -> str:
 
 
 def build_models(cfg: Config, d: Dist, log) -> Models:
+    """Policy, initial policy, critic and reward, loaded and placed one at a time (peak host memory: one model).
+
+    Single process: each model moves to the device. FSDP2: each is sharded (``shard``: every transformer block,
+    the fused LM head, then the root); ``fully_shard`` moves each unit to the mesh's device as it shards it,
+    so no model ever sits whole on one GPU.
+    """
     gpu = d.device.type == "cuda"
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and gpu)
     attn = attn_implementation(cfg)
+    frozen_dtype = torch.bfloat16 if bf16 else torch.float32
+    mp = None
+    if d.mesh is not None and bf16:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+    def place(model: nn.Module, trainable: bool = False) -> nn.Module:
+        if d.mesh is None:  # single process (CPU): --precision bf16 trains in plain bf16
+            return model.to(d.device, torch.bfloat16 if bf16 and trainable else None)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return shard(model, d.mesh, mp if trainable else None, extra=(head,) if head is not None else ())
+
     if cfg.model == "offline":
         from .offline import warmed_up_model
 
         path = str(_main_first(d, lambda: warmed_up_model(cfg.cache_dir or None, log=log)))
     else:
         path = cfg.model
+    tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
     # the trainable policy keeps fp32 master weights; FSDP2's MixedPrecisionPolicy computes in bf16 on GPU
     policy = load_causal_lm(path, dtype=torch.float32, attn=attn, trust_remote_code=cfg.trust_remote_code)
-    tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
-    frozen_dtype = torch.bfloat16 if bf16 else torch.float32
-    ref = load_causal_lm(path, dtype=frozen_dtype, attn=attn, trust_remote_code=cfg.trust_remote_code, what="initial policy")
+    config = policy.config
     install_fused_head(policy, value_head=cfg.critic == "shared")
-    install_fused_head(ref)
-    critic = make_critic(policy) if cfg.critic == "separate" else None
     freeze_bottom(policy, cfg.unfrozen_layers)
-    if critic is not None:
+    policy = place(policy, trainable=True)
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    ref = load_causal_lm(path, dtype=frozen_dtype, attn=attn, trust_remote_code=cfg.trust_remote_code, what="initial policy")
+    install_fused_head(ref)
+    ref = place(ref.requires_grad_(False).eval())
+
+    critic = None
+    if cfg.critic == "separate":  # the authors' separate critic: the SFT model's transformer + a scalar head
+        body = load_base_model(path, dtype=torch.float32, attn=attn, trust_remote_code=cfg.trust_remote_code)
+        critic = make_critic(body, config)
         freeze_bottom(critic, cfg.unfrozen_layers)
         critic.head.requires_grad_(True)
-    ref.requires_grad_(False).eval()
-    reward = load_reward(cfg.reward_model, policy_config=policy.config, tokenizer=tokenizer, device=d.device,
-                         dtype=frozen_dtype, trust_remote_code=cfg.trust_remote_code)
-    for m in (policy, ref, critic):
-        if m is not None:
-            m.to(d.device)
-    if d.mesh is not None:
-        from torch.distributed.fsdp import MixedPrecisionPolicy
+        critic = place(critic, trainable=True)
 
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-        shard(policy, d.mesh, mp, extra=(policy.get_output_embeddings(),))
-        shard(ref, d.mesh, None, extra=(ref.get_output_embeddings(),))
-        if critic is not None:
-            shard(critic, d.mesh, mp)
-        rm = getattr(reward, "model", None)  # a reward model (not a function): sharded like the frozen policy
-        if isinstance(rm, nn.Module):
-            shard(rm, d.mesh, None)
-    elif bf16:
-        policy.to(torch.bfloat16)
-        if critic is not None:
-            critic.to(torch.bfloat16)
-    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    reward = load_reward(cfg.reward_model, policy_config=config, tokenizer=tokenizer,
+                         device=d.device if d.mesh is None else torch.device("cpu"), dtype=frozen_dtype,
+                         trust_remote_code=cfg.trust_remote_code)
+    rm = getattr(reward, "model", None)  # a reward model (not a function): sharded like the frozen policy
+    if isinstance(rm, nn.Module) and d.mesh is not None:
+        shard(rm, d.mesh, None)
+        reward.device = d.device
     return Models(policy, ref, critic, tokenizer, reward)
 
 
