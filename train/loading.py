@@ -42,7 +42,7 @@ def check_model_source(name: str, what: str = "model", size_hint: str = "") -> N
         return
     raise LoadError(
         f"cannot load {what} {name!r}: it is not in the Hugging Face cache and huggingface.co is unreachable; "
-        f"download it while online (huggingface-cli download {name}{size_hint}) or pass a local directory"
+        f"download it while online with `huggingface-cli download {name}`{size_hint}, or pass a local directory"
     )
 
 

@@ -485,7 +485,10 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
         raise LoadError(f"{out} already holds a run with checkpoints; continue it with --resume {out} or pick another --out")
     torch.manual_seed(cfg.seed)
     if cfg.model != "offline":
-        check_model_source(cfg.model, "policy", " (about 24 GB)" if cfg.model == "Dahoas/gptj-sft-static" else "")
+        gptj = cfg.model == "Dahoas/gptj-sft-static"
+        check_model_source(cfg.model, "policy", " (about 24 GB; the GPT-J setup also needs `huggingface-cli download "
+                           "Dahoas/gptj-rm-static hf_ckpt.pt` and `huggingface-cli download --repo-type dataset "
+                           "Dahoas/rm-static`)" if gptj else "")
     prompts = load_prompts(cfg.dataset, cfg.dataset_split, cfg.prompt_column)
     if preset_name(cfg.model) == "offline" and cfg.dataset is None:  # held-out sums
         eval_prompts = load_prompts(str(Path(__file__).parent / "data" / "arith_eval.jsonl"), "train", "prompt")
