@@ -199,3 +199,37 @@ def test_hf_sequence_classification_reward(tmp_path):
     with torch.no_grad():
         want = [float(model(**tok([t], return_tensors="pt")).logits[0, 0]) for t in ("1+2=3", "10+12=22")]
     assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_gptj_like_setup_end_to_end(tmp_path, capsys):
+    """The --model gptj code path in miniature: pad == EOS, the raw GPT-J reward checkpoint, running reward
+    scaling, top-1 block trainable, both critics."""
+    import json
+
+    from tests.train_fixtures import make_tiny_model
+
+    policy = make_tiny_model(tmp_path / "sft", pad_is_eos=True)
+    _, config = _tiny_gptj_config()
+    _raw_rm_checkpoint(tmp_path / "hf_ckpt.pt", config)
+    for critic in ("separate", "shared"):
+        out = tmp_path / f"run-{critic}"
+        args = tiny_args(policy, out, "--steps", "2", "--reward-scale", "running", "--unfrozen-layers", "1",
+                         "--critic", critic, "--no-plot")
+        args[args.index("--reward-model") + 1] = str(tmp_path / "hf_ckpt.pt")
+        assert R.main(args) == 0, capsys.readouterr().err[-2000:]
+        rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and all(r["reward_nan"] == 0 for r in rows)
+        assert (out / "final" / "model.safetensors").exists()
+
+
+def test_unfrozen_layers_trains_only_the_top_blocks(tmp_path):
+    from tests.train_fixtures import cfg_for, make_tiny_model
+
+    path = make_tiny_model(tmp_path / "m", n_layer=3)
+    cfg = cfg_for(path, tmp_path / "o", "--unfrozen-layers", "1")
+    m = R.build_models(cfg, R.Dist(), print)
+    for model, prefix in ((m.policy, "transformer."), (m.critic, "body.")):
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert names and all(n.startswith((f"{prefix}h.2.", f"{prefix}ln_f.", "lm_head.", "head.")) for n in names), names
+        assert any(n.startswith(f"{prefix}ln_f.") for n in names)
+    assert not any(p.requires_grad for p in m.ref.parameters())

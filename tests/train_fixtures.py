@@ -18,13 +18,17 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS = str(REPO / "train" / "data" / "arith_prompts.jsonl")
 
 
-def make_tiny_model(path: Path, seed: int = 0, n_layer: int = 2, n_embd: int = 32) -> Path:
-    """A random tiny GPTJForCausalLM with the offline character tokenizer, saved with save_pretrained."""
+def make_tiny_model(path: Path, seed: int = 0, n_layer: int = 2, n_embd: int = 32, pad_is_eos: bool = False) -> Path:
+    """A random tiny GPTJForCausalLM with the offline character tokenizer, saved with save_pretrained.
+
+    ``pad_is_eos``: pad with the EOS token, as GPT-J's tokenizer setups do."""
     from transformers import GPTJForCausalLM
 
     from train.offline import build_tokenizer, tiny_gptj_config
 
     tok = build_tokenizer()
+    if pad_is_eos:
+        tok.pad_token = tok.eos_token
     torch.manual_seed(seed)
     model = GPTJForCausalLM(tiny_gptj_config(tok, n_layer=n_layer, n_embd=n_embd, n_head=2, rotary_dim=8))
     with torch.no_grad():  # a less uniform start: non-trivial log-probs and rewards
