@@ -551,6 +551,10 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
         row["iter_s"] = dt
         if d.device.type == "cuda":
             row["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        else:  # peak resident memory of this process (Linux reports KiB)
+            import resource
+
+            row["max_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         trainer.step += 1
         done_here += 1
         if metrics is not None:
