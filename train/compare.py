@@ -42,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         runs[algo] = read_metrics(out / algo / "metrics.jsonl")
         print(f"== {algo} done in {time.time() - t0:.0f}s", flush=True)
     plot_runs(runs, out / "compare.png", title="APA vs PPO vs AWR (same seed and budget)")
-    print(f"{'algo':6s} {'reward first':>12s} {'reward last10':>13s} {'KL k1':>7s} {'sqrt k3':>8s}")
+    print(f"{'algo':6s} {'reward first10':>14s} {'reward last10':>13s} {'KL k1':>7s} {'sqrt k3':>8s}  (KL: last step)")
     for algo, rows in runs.items():
-        last = rows[-10:]
-        print(f"{algo:6s} {rows[0]['reward_mean']:12.3f} {sum(r['reward_mean'] for r in last) / len(last):13.3f} "
-              f"{rows[-1]['kl']:7.3f} {rows[-1]['kl_sqrt_k3']:8.3f}")
+        first, last = rows[:10], rows[-10:]
+        print(f"{algo:6s} {sum(r['reward_mean'] for r in first) / len(first):14.3f} "
+              f"{sum(r['reward_mean'] for r in last) / len(last):13.3f} {rows[-1]['kl']:7.3f} {rows[-1]['kl_sqrt_k3']:8.3f}")
     print(f"figure: {out / 'compare.png'}")
     return 0
 
