@@ -116,6 +116,8 @@ def _single_block(
     A = torch.empty(B, T, dtype=out_dtype, device=rewards.device)
     R = torch.empty(B, T, dtype=out_dtype, device=rewards.device)
     direct = out_dtype == cdt
+    powers = torch.arange(T + 1, dtype=torch.float64, device=rewards.device).mul_(math.log(gl)).exp_().to(cdt)
+    cnt = torch.empty(rows, T, dtype=torch.int64, device=rewards.device)
     lv = None
     if last_values is not None:  # gl * W_T * last / lam, W_T = gl ** (valid steps in the row)
         n_valid = m8.sum(-1, dtype=torch.float64)
@@ -127,7 +129,10 @@ def _single_block(
         # masked rewards/values may hold anything (NaN, inf, 1e6): zero them before any arithmetic
         torch.mul(rewards[b0:b1], mf, out=r).nan_to_num_(0.0, 0.0, 0.0)
         torch.mul(values[b0:b1], mf, out=v).nan_to_num_(0.0, 0.0, 0.0)
-        torch.pow(gl, torch.cumsum(mf, -1, out=W), out=W)  # gl ** (valid steps in [0, t])
+        # gl ** (valid steps in [0, t]), looked up in a table (ATen's exp forks threads from 2048
+        # elements, pow(scalar, tensor) is scalar code: both are slower than an index_select here)
+        torch.cumsum(m8[b0:b1], -1, dtype=torch.int64, out=cnt[: b1 - b0])
+        torch.index_select(powers, 0, cnt[: b1 - b0].view(-1), out=W.view(-1))
         S = _suffix_sum(r.add_(v, alpha=1.0 / lam - 1.0).mul_(W))
         if lv is not None:
             S.add_(lv[b0:b1])

@@ -12,7 +12,8 @@ Implementations, per op:
 - ``compile``: the same function under ``torch.compile``.
 - ``cross_entropy``: ``-F.cross_entropy(logits, labels, reduction="none")`` as the fused built-in.
 - ``liger``: Liger-Kernel's cross-entropy (``reduction="none"``) when installed (CUDA only).
-- GAE: ``loop[verl]`` (reverse Python loop over time, vectorised over the batch, skipping masked
+- GAE: ``apa_fast[torch]-nocheck`` is the same call with ``APA_FAST_SKIP_VALUE_CHECKS=1`` (the public
+  API's documented switch that skips the NaN/inf and mask-value scans of the inputs), ``loop[verl]`` (reverse Python loop over time, vectorised over the batch, skipping masked
   steps as verl's masked GAE does) and ``loop[trlx]`` (the same loop without the mask, as trlx).
 - linear ops: ``linear_cross_entropy`` (PyTorch's, chunked through ``LinearCrossEntropyOptions``) and
   ``eager`` (``hidden @ weight.T`` + ``log_softmax`` + ``gather``).
@@ -38,7 +39,7 @@ OPS = ("logprobs", "apa_loss", "gae", "linear_apa_loss")
 IMPLS = {
     "logprobs": ("apa_fast[torch]", "apa_fast[triton]", "eager", "compile", "cross_entropy", "liger"),
     "apa_loss": ("apa_fast[torch]", "apa_fast[triton]", "eager", "compile", "cross_entropy", "liger"),
-    "gae": ("apa_fast[torch]", "apa_fast[triton]", "loop[verl]", "loop[trlx]"),
+    "gae": ("apa_fast[torch]", "apa_fast[torch]-nocheck", "apa_fast[triton]", "loop[verl]", "loop[trlx]"),
     "linear_apa_loss": ("apa_fast[torch]", "apa_fast[triton]", "linear_cross_entropy", "eager"),
 }
 
@@ -284,10 +285,24 @@ def _gae(impl: str, shape: dict, device: str) -> Case:
     lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
     m = (torch.arange(T)[None] < lengths[:, None]).to(device)
     if impl.startswith("apa_fast"):
+        import os
+
         import apa_fast
 
-        be = impl[len("apa_fast[") : -1]
-        f = lambda: apa_fast.gae(r, v, m, gamma=1.0, lam=0.95, backend=be)  # noqa: E731
+        be = impl[len("apa_fast[") : impl.index("]")]
+        if impl.endswith("-nocheck"):
+            def f():
+                old = os.environ.get("APA_FAST_SKIP_VALUE_CHECKS")
+                os.environ["APA_FAST_SKIP_VALUE_CHECKS"] = "1"
+                try:
+                    return apa_fast.gae(r, v, m, gamma=1.0, lam=0.95, backend=be)
+                finally:
+                    if old is None:
+                        del os.environ["APA_FAST_SKIP_VALUE_CHECKS"]
+                    else:
+                        os.environ["APA_FAST_SKIP_VALUE_CHECKS"] = old
+        else:
+            f = lambda: apa_fast.gae(r, v, m, gamma=1.0, lam=0.95, backend=be)  # noqa: E731
     else:
         loop = {"loop[verl]": gae_loop_verl, "loop[trlx]": gae_loop_trlx}[impl]
         mf = m.float()

@@ -49,11 +49,15 @@ def run_case(benchmark, op: str, impl: str, shape: dict) -> None:
         raise
     first = time.perf_counter() - t0
     case.reset()
-    t0 = time.perf_counter()
-    case.step()
-    second = time.perf_counter() - t0
-    case.reset()
-    rounds = int(max(3, min(50, SECONDS / max(second, 1e-6))))
+    est = first
+    if impl == "compile":  # the warm-up compiled: time one more step for the estimate
+        t0 = time.perf_counter()
+        case.step()
+        est = time.perf_counter() - t0
+        case.reset()
+    # at least 3 rounds (a median), 2 for steps slower than 5 s in the quick profile, at most 50
+    floor = 2 if (PROFILE == "quick" and est > 5.0) else 3
+    rounds = int(max(floor, min(50, SECONDS / max(est, 1e-6))))
     benchmark.pedantic(case.step, setup=case.reset, rounds=rounds, iterations=1, warmup_rounds=0)
     case.reset()
     info = dict(
@@ -64,5 +68,6 @@ def run_case(benchmark, op: str, impl: str, shape: dict) -> None:
     del case
     gc.collect()
     if MEASURE_MEMORY:
-        info.update({f"mem_{k}": v for k, v in memory.measure(op, impl, shape, DEVICE).items()})
+        mem = memory.measure(op, impl, shape, DEVICE, warmup=est < 3.0)
+        info.update({f"mem_{k}": v for k, v in mem.items()})
     benchmark.extra_info.update(info)

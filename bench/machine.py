@@ -123,5 +123,11 @@ def bounds(device: str) -> dict:
     cb = torch.empty_like(c)
     reps = 200
     out["exp_Gelem_per_s_in_L2"] = c.numel() * reps / 1e9 / _median(lambda: [torch.exp(c, out=cb) for _ in range(reps)])
+    nt = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core's exp rate, free of fork/join stalls on a busy machine
+    try:
+        out["exp_Gelem_per_s_1thread"] = c.numel() * reps / 1e9 / _median(lambda: [torch.exp(c, out=cb) for _ in range(reps)])
+    finally:
+        torch.set_num_threads(nt)
     del a, b
     return out

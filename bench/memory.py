@@ -4,7 +4,8 @@ CUDA: in process, ``torch.cuda.max_memory_allocated`` during one step, minus wha
 before it (the inputs), minus the result the step returns (the gradient, or the outputs).
 
 CPU: in a separate process running just that case (``python -m bench.memory '<json>'``): it builds
-the inputs, runs one warm-up step (so lazy initialisation and ``torch.compile`` are not counted),
+the inputs, runs one warm-up step (so lazy initialisation and ``torch.compile`` are not counted;
+skipped for steps slower than 3 s that need no compilation, where lazy initialisation is noise),
 drops the result, takes its resident memory (VmRSS), resets the kernel's peak-RSS counter
 (``/proc/self/clear_refs``), runs one step and reads the peak (VmHWM). Extra = peak - before - result.
 Large buffers are mmap'ed by glibc and returned to the OS on free, so the warm-up leaves no slack
@@ -39,12 +40,13 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure_here(op: str, impl: str, shape: dict, device: str) -> dict:
+def measure_here(op: str, impl: str, shape: dict, device: str, warmup: bool = True) -> dict:
     from . import cases
 
     case = cases.build(op, impl, shape, device)
-    case.step()  # warm-up: lazy init, compilation, allocator pools
-    case.reset()
+    if warmup or impl == "compile":
+        case.step()  # warm-up: lazy init, compilation, allocator pools
+        case.reset()
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -71,11 +73,11 @@ def measure_here(op: str, impl: str, shape: dict, device: str) -> dict:
     )
 
 
-def measure(op: str, impl: str, shape: dict, device: str, timeout: float = 600) -> dict:
+def measure(op: str, impl: str, shape: dict, device: str, warmup: bool = True, timeout: float = 900) -> dict:
     """Measure in a fresh process on CPU (peak RSS needs one), in this one on CUDA."""
     if device == "cuda":
         return measure_here(op, impl, shape, device)
-    spec = json.dumps(dict(op=op, impl=impl, shape=shape, device=device))
+    spec = json.dumps(dict(op=op, impl=impl, shape=shape, device=device, warmup=warmup))
     env = dict(os.environ)
     p = subprocess.run(
         [sys.executable, "-m", "bench.memory", spec],
@@ -91,4 +93,4 @@ def measure(op: str, impl: str, shape: dict, device: str, timeout: float = 600) 
 if __name__ == "__main__":
     a = json.loads(sys.argv[1])
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    print(json.dumps(measure_here(a["op"], a["impl"], a["shape"], a["device"])))
+    print(json.dumps(measure_here(a["op"], a["impl"], a["shape"], a["device"], a.get("warmup", True))))
