@@ -90,7 +90,7 @@ def one_update(model_dir: str, out_file: str) -> None:
     torch.set_num_threads(1)
     # SGD without clipping: unlike Adam, its step shows whether gradients were averaged or summed over ranks
     cfg = cfg_for(Path(model_dir), Path(out_file).parent / "unused", "--batch-size", "8", "--minibatch-size", "8",
-                  "--max-grad-norm", "0", "--lr", "0.5")
+                  "--max-grad-norm", "0", "--lr", "0.01")
     d = R.setup_dist()
     torch.manual_seed(0)
     m = R.build_models(cfg, d, print)
