@@ -554,7 +554,7 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
         else:  # peak resident memory of this process (Linux reports KiB)
             import resource
 
-            row["max_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            row["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         trainer.step += 1
         done_here += 1
         if metrics is not None:
