@@ -233,3 +233,10 @@ def test_unfrozen_layers_trains_only_the_top_blocks(tmp_path):
         assert names and all(n.startswith((f"{prefix}h.2.", f"{prefix}ln_f.", "lm_head.", "head.")) for n in names), names
         assert any(n.startswith(f"{prefix}ln_f.") for n in names)
     assert not any(p.requires_grad for p in m.ref.parameters())
+
+
+def test_a_reward_that_is_never_a_number_stops_with_one_line(tiny, tmp_path, capsys):
+    args = tiny_args(tiny, tmp_path / "out")
+    args[args.index("--reward-model") + 1] = "tests.train_fixtures:all_nan_reward"
+    line = _main_error(args, capsys)
+    assert "NaN or not a number" in line and "all_nan_reward" in line

@@ -48,6 +48,10 @@ def nan_reward(prompts, completions, **_):
     return [(float("nan") if i % 4 == 1 else "abc") if i % 2 else 1.0 for i in range(len(completions))]
 
 
+def all_nan_reward(prompts, completions, **_):
+    return [float("nan")] * len(completions)
+
+
 def tiny_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--model", str(model_dir), "--reward-model", "tests.train_fixtures:digit_reward", "--dataset", PROMPTS,

@@ -490,7 +490,7 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
                            "Dahoas/gptj-rm-static hf_ckpt.pt` and `huggingface-cli download --repo-type dataset "
                            "Dahoas/rm-static`)" if gptj else "")
     prompts = load_prompts(cfg.dataset, cfg.dataset_split, cfg.prompt_column)
-    if preset_name(cfg.model) == "offline" and cfg.dataset is None:  # held-out sums
+    if preset_name(cfg.model) == "offline" and cfg.dataset is None:  # a fixed few sums
         eval_prompts = load_prompts(str(Path(__file__).parent / "data" / "arith_eval.jsonl"), "train", "prompt")
     else:
         eval_prompts = prompts
@@ -536,7 +536,8 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
         n_bad = score(m, b, d, log)
         finite = _gather(b.scores[torch.isfinite(b.scores)], d)
         if finite.numel() == 0:
-            raise RuntimeError("every reward in this batch was NaN or not a number; check the reward function/model")
+            raise LoadError(f"every reward of iteration {trainer.step + 1} was NaN or not a number (e.g. "
+                            f"{b.completions[0]!r} for {b.prompts[0]!r}); check --reward-model {cfg.reward_model}")
         trainer.scaler.update(finite)
         make_experience(m, b, cfg, trainer.kl, trainer.scaler(b.scores))
         compute_advantages(b, cfg, d)
