@@ -108,23 +108,46 @@ def _chunks(x3: Tensor, rows: int):
             yield b * T + t0, x3[b, t0:t1]
 
 
-def _scaled(z: Tensor, tau: float, scratch: Tensor | None) -> Tensor:
-    """u = z / tau (z itself when tau == 1), in the accumulation dtype's scratch when scaled."""
-    if tau == 1.0:
+class _Scratch:
+    """Chunk-sized buffers in the accumulation dtype, allocated on first use and reused across chunks."""
+
+    def __init__(self, rows: int, V: int, dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device, self.bufs = (rows, V), dtype, device, {}
+
+    def __call__(self, i: int, r: int) -> Tensor:
+        if i not in self.bufs:
+            self.bufs[i] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return self.bufs[i][:r]
+
+
+def _prep(z: Tensor, tau: float, acc: torch.dtype, scr: _Scratch) -> Tensor:
+    """u = z / tau in the accumulation dtype: z itself when nothing is to be done, else a copy in scratch 0
+    (upcast first: z * (1/tau) on bf16 would round in bf16)."""
+    if z.dtype == acc and tau == 1.0:
         return z
-    # upcast first: z * (1/tau) on bf16 would round in bf16 before landing in the fp32 scratch
-    return scratch[: z.shape[0]].copy_(z).mul_(1.0 / tau)
+    u = scr(0, z.shape[0]).copy_(z)
+    return u.mul_(1.0 / tau) if tau != 1.0 else u
 
 
-def _logp_from_p(p: Tensor, u: Tensor, idx: Tensor, acc: torch.dtype) -> Tensor:
-    """log p_y from softmax probabilities, exact where p_y would lose digits to underflow."""
+def _target(u: Tensor, z: Tensor, scr: _Scratch) -> Tensor:
+    """Where a row-wise softmax/log_softmax of u may write when not into the gradient: over u itself when
+    u is our own copy on CPU (ATen's CPU kernels finish a row's reductions before writing it; softmax
+    with dtype= instead would build a converted copy of the chunk), else a scratch."""
+    if u is not z and u.device.type == "cpu":
+        return u
+    return scr(0 if u is z else 1, u.shape[0])
+
+
+def _logp_from_p(p: Tensor, u: Tensor, idx: Tensor, acc: torch.dtype, uy: Tensor, z: Tensor, tau: float) -> Tensor:
+    """log p_y from softmax probabilities, exact (uy - logsumexp(z/tau)) where p_y would lose digits to
+    underflow (rare rows; recomputed from z, since u may have been overwritten by p)."""
     py = p.gather(-1, idx).squeeze(-1)
     logp = py.log()
     bad = py < _TINY
     if bool(bad.any()):
         rows = bad.nonzero().squeeze(-1)
-        ub = u[rows].to(acc)
-        logp[rows] = ub.gather(-1, idx[rows]).squeeze(-1) - torch.logsumexp(ub, -1)
+        ub = z[rows].to(acc) / tau
+        logp[rows] = uy[rows] - torch.logsumexp(ub, -1)
     return logp
 
 
@@ -140,21 +163,20 @@ def logprobs_fwd(
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)
     rows = _rows(T, V)
-    scratch = torch.empty(rows, V, dtype=acc, device=x3.device)
-    uscratch = torch.empty(rows, V, dtype=acc, device=x3.device) if tau != 1.0 else None
-    escratch = torch.empty(rows, V, dtype=acc, device=x3.device) if return_entropy else None
+    scr = _Scratch(rows, V, acc, x3.device)
     for s0, z in _chunks(x3, rows):
         r = z.shape[0]
         sl = slice(s0, s0 + r)
-        u = _scaled(z, tau, uscratch)
-        ls = torch.log_softmax(u, -1, dtype=acc, out=scratch[:r])  # u - lse, one fused row-wise pass
         idx = safe[sl].unsqueeze(-1)
+        u = _prep(z, tau, acc, scr)
+        uy = u.gather(-1, idx).squeeze(-1).to(acc)
+        ls = torch.log_softmax(u, -1, out=_target(u, z, scr))  # u - lse, one fused row-wise pass
         lp = ls.gather(-1, idx).squeeze(-1)
         logp[sl] = lp
-        lse[sl] = u.gather(-1, idx).squeeze(-1).to(acc) - lp
+        lse[sl] = uy - lp
         if return_entropy:
             # H = -sum p * log p
-            ent[sl] = -torch.linalg.vecdot(torch.exp(ls, out=escratch[:r]), ls)
+            ent[sl] = -torch.linalg.vecdot(torch.exp(ls, out=scr(2, r)), ls)
     logp.masked_fill_(~valid, 0.0)
     if ent is not None:
         ent.masked_fill_(~valid, 0.0)
@@ -181,11 +203,8 @@ def logprobs_bwd(
     ge = None if g_ent is None else torch.where(valid, g_ent.to(acc), 0.0)
     grad = _empty_grad((B, T, V), x3.dtype, x3.device)
     direct = x3.dtype == acc  # the gradient buffer itself can hold the fp32/fp64 probabilities
-    no_scratch = direct and ge is None and tau == 1.0
-    rows = _rows(T, V, no_scratch)
-    scratch = None if no_scratch else torch.empty(rows, V, dtype=acc, device=x3.device)
-    uscratch = torch.empty(rows, V, dtype=acc, device=x3.device) if tau != 1.0 else None
-    pscratch = torch.empty(rows, V, dtype=acc, device=x3.device) if ge is not None else None
+    rows = _rows(T, V, direct and ge is None and tau == 1.0)
+    scr = _Scratch(rows, V, acc, x3.device)
     gflat = grad.view(B * T, V)
     for s0, z in _chunks(x3, rows):
         r = z.shape[0]
@@ -194,17 +213,18 @@ def logprobs_bwd(
         idx = safe[sl].unsqueeze(-1)
         if ge is None:
             # dz = g * (onehot - softmax(u)) / tau: softmax recomputed (one fused pass), then scaled
-            u = _scaled(z, tau, uscratch)
-            p = torch.softmax(u, -1, dtype=acc, out=gflat[sl] if direct else scratch[:r])
+            u = _prep(z, tau, acc, scr)
+            p = torch.softmax(u, -1, out=gflat[sl] if direct else _target(u, z, scr))
             p.mul_(-gr / tau)
             p.scatter_add_(-1, idx, gr / tau)
             if not direct:
                 gflat[sl].copy_(p)
             continue
-        t = torch.sub(z, (lse[sl] * tau).unsqueeze(-1), out=scratch[:r])
+        scratch, pscratch = scr(0, r), scr(1, r)
+        t = torch.sub(z, (lse[sl] * tau).unsqueeze(-1), out=scratch)
         if tau != 1.0:
             t.mul_(1.0 / tau)
-        p = torch.exp(t, out=pscratch[:r])
+        p = torch.exp(t, out=pscratch)
         # -(g + ge * (t + H)) * p
         t.add_(entropy[sl].unsqueeze(-1)).mul_(ge[sl].unsqueeze(-1)).add_(gr).mul_(p).mul_(-1.0 / tau)
         t.scatter_add_(-1, idx, gr / tau)
@@ -241,19 +261,18 @@ def apa_loss_fwd(
     gflat = grad.view(N, V) if need_grad else None
     direct = need_grad and x3.dtype == acc  # softmax straight into the gradient buffer
     rows = _rows(T, V, direct and tau == 1.0)
-    scratch = None if direct else torch.empty(rows, V, dtype=acc, device=x3.device)
-    uscratch = torch.empty(rows, V, dtype=acc, device=x3.device) if tau != 1.0 else None
+    scr = _Scratch(rows, V, acc, x3.device)
     for s0, z in _chunks(x3, rows):
         r = z.shape[0]
         sl = slice(s0, s0 + r)
         idx = safe[sl].unsqueeze(-1)
-        u = _scaled(z, tau, uscratch)
+        u = _prep(z, tau, acc, scr)
         uy = u.gather(-1, idx).squeeze(-1).to(acc)
         if need_grad:
-            p = torch.softmax(u, -1, dtype=acc, out=gflat[sl] if direct else scratch[:r])
-            logp = _logp_from_p(p, u, idx, acc)
+            p = torch.softmax(u, -1, out=gflat[sl] if direct else _target(u, z, scr))
+            logp = _logp_from_p(p, u, idx, acc, uy, z, tau)
         else:
-            logp = torch.log_softmax(u, -1, dtype=acc, out=scratch[:r]).gather(-1, idx).squeeze(-1)
+            logp = torch.log_softmax(u, -1, out=_target(u, z, scr)).gather(-1, idx).squeeze(-1)
         lse[sl] = uy - logp
         res = torch.where(valid[sl], logp - target[sl], 0.0)
         resid[sl] = res

@@ -159,7 +159,12 @@ def _ce_logp(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _liger_logp(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     from liger_kernel.transformers.functional import liger_cross_entropy
 
-    return -liger_cross_entropy(z, y, reduction="none").float()
+    out = liger_cross_entropy(z, y, reduction="none")
+    if isinstance(out, tuple):  # some versions return (loss, z_loss, ...)
+        out = out[0]
+    # Liger writes its gradient into the logits buffer during forward (in place): fine for timing, and
+    # its "extra memory" then excludes a gradient tensor of its own
+    return -out.float()
 
 
 def _apa_from_logp(logp, ref, adv, mask):
