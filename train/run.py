@@ -503,6 +503,7 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
         log(f"note: prompts truncated to {n_pos - cfg.max_new_tokens} tokens so that prompt + {cfg.max_new_tokens} new "
             f"tokens fit the model's {n_pos} positions")
         cfg.max_prompt_len = n_pos - cfg.max_new_tokens
+    torch.manual_seed(cfg.seed + 100_003 * d.rank)  # sampling: each rank its own stream
     params = [p for mod in (m.policy, m.critic) if mod is not None for p in mod.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
     trainer = Trainer(PromptSampler(prompts, cfg.batch_size, cfg.seed, d), KLController(cfg.kl_init, cfg.kl_target,
