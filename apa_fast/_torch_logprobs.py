@@ -51,7 +51,7 @@ _DIRECT_CHUNK_ELEMS = 1 << 24
 _TINY = 1e-30  # below this p_y, log(p_y) is recomputed as u_y - logsumexp(u)
 
 
-_HUGE_MIN_BYTES = 64 << 20
+_HUGE_MIN_BYTES = 8 << 20
 _MADV_HUGEPAGE = 14  # Linux
 _madvise = None
 
