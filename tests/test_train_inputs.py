@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_fixtures import PROMPTS, make_tiny_model, tiny_args
+from train_fixtures import PROMPTS, make_tiny_model, tiny_args
 
 from train import run as R
 from train.config import parse_args
@@ -109,7 +109,7 @@ def test_function_reward_and_arith_reward():
     from train.rewards import FunctionReward
 
     assert arith_reward(["3+4=", "10+12=", "hello"], ["7", "21", "1"])[:2] == [1.0, 0.0]
-    r = FunctionReward("tests.train_fixtures:nan_reward")(["a"] * 4, ["b"] * 4)
+    r = FunctionReward("train_fixtures:nan_reward")(["a"] * 4, ["b"] * 4)
     assert r[0] == 1.0 and all(x != x for x in r[1::2])  # NaN for non-numbers
 
 
@@ -132,7 +132,7 @@ def test_gptj_preset_offline_says_what_to_download(tmp_path, capsys, monkeypatch
 
 def test_unknown_reward_function(tiny, tmp_path, capsys):
     args = tiny_args(tiny, tmp_path / "out")
-    args[args.index("--reward-model") + 1] = "tests.train_fixtures:no_such_reward"
+    args[args.index("--reward-model") + 1] = "train_fixtures:no_such_reward"
     line = _main_error(args, capsys)
     assert "no_such_reward" in line
 
@@ -186,7 +186,7 @@ def test_defaults_are_safe_and_help_explains(capsys):
 def test_hf_sequence_classification_reward(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tests.train_fixtures import make_tiny_seqcls_reward
+    from train_fixtures import make_tiny_seqcls_reward
     from train.rewards import HFRewardModel, load_reward
 
     path = make_tiny_seqcls_reward(tmp_path / "rm")
@@ -206,7 +206,7 @@ def test_gptj_like_setup_end_to_end(tmp_path, capsys):
     scaling, top-1 block trainable, both critics."""
     import json
 
-    from tests.train_fixtures import make_tiny_model
+    from train_fixtures import make_tiny_model
 
     policy = make_tiny_model(tmp_path / "sft", pad_is_eos=True)
     _, config = _tiny_gptj_config()
@@ -223,7 +223,7 @@ def test_gptj_like_setup_end_to_end(tmp_path, capsys):
 
 
 def test_unfrozen_layers_trains_only_the_top_blocks(tmp_path):
-    from tests.train_fixtures import cfg_for, make_tiny_model
+    from train_fixtures import cfg_for, make_tiny_model
 
     path = make_tiny_model(tmp_path / "m", n_layer=3)
     cfg = cfg_for(path, tmp_path / "o", "--unfrozen-layers", "1")
@@ -237,6 +237,6 @@ def test_unfrozen_layers_trains_only_the_top_blocks(tmp_path):
 
 def test_a_reward_that_is_never_a_number_stops_with_one_line(tiny, tmp_path, capsys):
     args = tiny_args(tiny, tmp_path / "out")
-    args[args.index("--reward-model") + 1] = "tests.train_fixtures:all_nan_reward"
+    args[args.index("--reward-model") + 1] = "train_fixtures:all_nan_reward"
     line = _main_error(args, capsys)
     assert "NaN or not a number" in line and "all_nan_reward" in line

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_fixtures import cfg_for, make_tiny_model, run_trainer, tiny_args
+from train_fixtures import cfg_for, make_tiny_model, run_trainer, tiny_args
 
 from train import run as R
 
@@ -82,7 +82,7 @@ def test_apa_loss_is_the_formula(tiny, tmp_path):
 
 
 def test_nan_rewards_are_reported_and_left_out(tiny, tmp_path, capsys):
-    cfg, d, m = _models(tiny, tmp_path, "--reward-model", "tests.train_fixtures:nan_reward")
+    cfg, d, m = _models(tiny, tmp_path, "--reward-model", "train_fixtures:nan_reward")
     prompts = R.load_prompts(cfg.dataset, "train", "prompt")[:8]
     b = R.rollout(m, prompts, cfg, d)
     n_bad = R.score(m, b, d, print)
@@ -99,7 +99,7 @@ def test_one_to_two_ranks_same_parameters(tiny, tmp_path):
     import subprocess
     import sys
 
-    from tests.train_fixtures import REPO, env
+    from train_fixtures import REPO, env
 
     outs = {}
     for n in (1, 2):
@@ -168,7 +168,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path):
     import sys
     import time
 
-    from tests.train_fixtures import REPO, env
+    from train_fixtures import REPO, env
 
     args = ["--steps", "16", "--save-every", "3", "--no-export", "--no-plot"]
     full, killed = tmp_path / "full", tmp_path / "killed"

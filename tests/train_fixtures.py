@@ -54,7 +54,7 @@ def all_nan_reward(prompts, completions, **_):
 
 def tiny_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "--model", str(model_dir), "--reward-model", "tests.train_fixtures:digit_reward", "--dataset", PROMPTS,
+        "--model", str(model_dir), "--reward-model", "train_fixtures:digit_reward", "--dataset", PROMPTS,
         "--out", str(out), "--batch-size", "8", "--minibatch-size", "4", "--epochs", "1", "--max-new-tokens", "4",
         "--max-prompt-len", "16", "--lr", "1e-3", "--unfrozen-layers", "-1", "--threads", "1", "--no-progress",
         "--no-tensorboard", "--eval-every", "0", *extra,
@@ -63,7 +63,8 @@ def tiny_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
 
 def env() -> dict:
     e = dict(os.environ)
-    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    # the trainer in a child process imports test rewards as ``train_fixtures:<function>``
+    e["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO), e.get("PYTHONPATH", "")])
     e["OMP_NUM_THREADS"] = "1"
     e.pop("TRITON_INTERPRET", None)
     return e
