@@ -104,3 +104,20 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         logp(backend="triton")
+
+
+def test_finite_check_fast_path_edges():
+    """The NaN/inf scan first sums the input: a sum that overflows (finite inputs) or is NaN from a
+    masked position must fall through to the exact masked check, not raise."""
+    big = torch.full((2, 4), 3e38)  # finite, but the float32 sum overflows to inf
+    A, _ = apa_fast.gae(big * 1e-30, big, torch.ones(2, 4), backend="torch")
+    assert torch.isfinite(A).all()
+    r = torch.zeros(2, 4)
+    r[1, 3] = float("nan")
+    m = torch.ones(2, 4)
+    m[1, 3] = 0
+    A, _ = apa_fast.gae(r, torch.zeros(2, 4), m, backend="torch")  # NaN only where masked: fine
+    assert torch.equal(A, torch.zeros(2, 4))
+    r[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"rewards must be finite at valid \(mask=1\) positions; rewards\[0, 0\] = inf"):
+        apa_fast.gae(r, torch.zeros(2, 4), m, backend="torch")
