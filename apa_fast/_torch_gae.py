@@ -53,18 +53,22 @@ _SERIAL_ELEMS = 32767  # below ATen's parallel grain (32768): one thread, no for
 
 
 def _workspace(n: int, B: int, T: int, device: torch.device, dtype: torch.dtype = torch.float64) -> Tensor:
-    """``n`` float64 (B, T) buffers, reused across calls of the same shape (per thread).
+    """``n`` (B, T) buffers of ``dtype``, reused across calls of the same shape (per thread).
 
     Fresh multi-MiB tensors come from mmap and pay a page fault per 4 KiB on first touch, which
     on CPU costs more than the arithmetic of this whole function; a reused workspace does not.
     """
     key = (n, B, T, str(device), dtype)
-    ws = getattr(_WS, "buf", None)
-    if ws is not None and ws[0] == key:
-        return ws[1]
+    cache = getattr(_WS, "bufs", None)
+    if cache is None:
+        cache = _WS.bufs = {}
+    if key in cache:
+        return cache[key]
     buf = torch.empty(n, B, T, dtype=dtype, device=device)
     if device.type == "cpu" and buf.numel() * buf.element_size() <= _WS_MAX_BYTES:
-        _WS.buf = (key, buf)
+        if len(cache) >= 4:  # a float and a count workspace per shape: keep the last two shapes' worth
+            cache.clear()
+        cache[key] = buf
     return buf
 
 
@@ -112,12 +116,12 @@ def _single_block(
     B, T = rewards.shape
     rows = max(1, min(B, _SERIAL_ELEMS // T))
     ws = _workspace(4, rows, T, rewards.device, cdt)
+    cnt = _workspace(1, rows, T, rewards.device, torch.int64)[0]
     m8 = _mask_u8(mask)
     A = torch.empty(B, T, dtype=out_dtype, device=rewards.device)
     R = torch.empty(B, T, dtype=out_dtype, device=rewards.device)
     direct = out_dtype == cdt
     powers = torch.arange(T + 1, dtype=torch.float64, device=rewards.device).mul_(math.log(gl)).exp_().to(cdt)
-    cnt = torch.empty(rows, T, dtype=torch.int64, device=rewards.device)
     lv = None
     if last_values is not None:  # gl * W_T * last / lam, W_T = gl ** (valid steps in the row)
         n_valid = m8.sum(-1, dtype=torch.float64)

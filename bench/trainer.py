@@ -7,8 +7,8 @@ logits + ``log_softmax``, as trainers write it). Reports the median ``tokens_per
 per iteration (the first iteration, which warms up, is left out when there are more), and the peak
 memory: ``max_mem_gb`` from the trainer on CUDA, the process's peak RSS (``wait4``) on CPU.
 
-``python -m bench.trainer [--steps 3] [--model offline]`` prints the table; ``bench.run --trainer``
-appends it to the benchmark's Markdown.
+``python -m bench.trainer [--steps 3] [--model offline]`` prints the table; ``bench.run``
+appends it to the benchmark's Markdown (``--no-trainer`` leaves it out).
 """
 
 from __future__ import annotations
