@@ -7,7 +7,14 @@ logits + ``log_softmax``, as trainers write it). Reports the median ``tokens_per
 per iteration (the first iteration, which warms up, is left out when there are more), and the peak
 memory: ``max_mem_gb`` from the trainer on CUDA, the process's peak RSS (``wait4``) on CPU.
 
-``python -m bench.trainer [--steps 3] [--model offline]`` prints the table; ``bench.run``
+The offline default's vocabulary has 15 tokens, so its LM head is a rounding error and the fused
+path can buy nothing there. ``--vocab V`` (``bench.run`` adds V = 50,400, GPT-J's padded vocabulary)
+runs the same task with the warmed-up policy's vocabulary padded to V (extra tokens appended to the
+tokenizer, embedding and head rows added by ``resize_token_embeddings``, saved with
+``save_pretrained`` and passed as ``--model DIR``): the LM head then has a real width while the
+rest of the run is unchanged.
+
+``python -m bench.trainer [--steps 3] [--vocab 50400]`` prints the table; ``bench.run``
 appends it to the benchmark's Markdown (``--no-trainer`` leaves it out).
 """
 
@@ -60,41 +67,94 @@ def run_one(backend: str, steps: int, extra: list[str], timeout: float = 900) ->
     return res
 
 
-def figure(device: str, quick: bool = True, steps: int | None = None, extra: list[str] | None = None) -> str:
-    """Markdown for the benchmark report (a note saying what is missing when the trainer cannot run)."""
+def padded_vocab_model(vocab: int) -> str:
+    """The warmed-up offline policy with its vocabulary padded to ``vocab`` (cached); returns its dir."""
+    from train import offline
+
+    src = offline.warmed_up_model()
+    dst = offline.default_cache_dir() / f"{src.name}-vocab{vocab}"
+    if (dst / "DONE").exists():
+        return str(dst)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    if vocab < len(tok):
+        raise ValueError(f"--vocab must be at least the offline tokenizer's {len(tok)} tokens, got {vocab}")
+    tok.add_tokens([f"<x{i}>" for i in range(vocab - len(tok))])
+    model = AutoModelForCausalLM.from_pretrained(src)
+    model.resize_token_embeddings(vocab)
+    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "DONE").write_text("ok\n")
+    os.replace(tmp, dst)
+    return str(dst)
+
+
+def offline_task_flags(model_dir: str) -> list[str]:
+    """The offline preset's settings, for a policy given by path (which would get the HF preset)."""
+    from train import config, offline
+
+    p = config.PRESETS["offline"]
+    return ["--model", model_dir, "--reward-model", p["reward_model"],
+            "--dataset", str(offline.DATA_DIR / "arith_prompts.jsonl"),
+            *[f"--{k.replace('_', '-')}={p[k]}" for k in ("batch_size", "minibatch_size", "epochs", "lr", "lam",
+                                                          "reward_scale", "max_new_tokens", "max_prompt_len",
+                                                          "unfrozen_layers", "threads")]]
+
+
+def table(device: str, steps: int, extra: list[str], label: str) -> list[str]:
+    results = [run_one(b, steps, extra) for b in PATHS]
+    lines = [f"Trainer-level figure on {label}: `python -m train.run --steps {steps}` per backend, {device}, "
+             f"median over iterations 2..{steps}.", "",
+             "| --kernel-backend | tokens/s | s / iteration | peak memory MiB | vs eager tokens/s | vs eager memory |",
+             "|---|---:|---:|---:|---:|---:|"]
+    eager = next((r for r in results if r["backend"] == "eager" and "tokens_per_s" in r), None)
+    for r in results:
+        if "tokens_per_s" not in r:
+            lines.append(f"| {r['backend']} | failed: {r.get('error', '')[-200:].strip().splitlines()[-1:] } | | | | |")
+            continue
+        rel = f"{r['tokens_per_s'] / eager['tokens_per_s']:.2f}x" if eager else ""
+        mem = r.get("peak_mem_mib", float("nan"))
+        mrel = f"{mem / eager['peak_mem_mib']:.2f}x" if eager and eager.get("peak_mem_mib") else ""
+        lines.append(f"| {r['backend']} | {r['tokens_per_s']:,.1f} | {r['iter_s']:.2f} | {mem:,.0f} | {rel} | {mrel} |")
+    method = next((r.get("mem_method") for r in results if r.get("mem_method")), "")
+    return lines + ["", f"Peak memory: {method} (whole process: models, optimizer, rollout and update).", ""]
+
+
+def figure(device: str, quick: bool = True, steps: int | None = None, extra: list[str] | None = None,
+           vocabs: tuple[int, ...] = (0, 50400)) -> str:
+    """Markdown for the benchmark report (a note saying what is missing when the trainer cannot run).
+
+    ``vocabs``: 0 is the offline default as shipped; V > 0 the same task with the vocabulary padded to V."""
     try:
         import train.run  # noqa: F401
     except Exception as e:  # the trainer is optional for the kernel benchmarks
         return f"Trainer-level figure: not available (`train.run` does not import: {type(e).__name__}: {e})."
     steps = steps or (3 if quick else 6)
     extra = list(extra or [])
-    results = [run_one(b, steps, extra) for b in PATHS]
-    model = "offline default" if "--model" not in extra else extra[extra.index("--model") + 1]
-    lines = [f"Trainer-level figure (`python -m train.run --steps {steps}` on the {model} preset, {device}; "
-             f"median over iterations 2..{steps}):", "",
-             "| --kernel-backend | tokens/s | s / iteration | peak memory MiB | vs eager tokens/s |", "|---|---:|---:|---:|---:|"]
-    eager = next((r for r in results if r["backend"] == "eager" and "tokens_per_s" in r), None)
-    for r in results:
-        if "tokens_per_s" not in r:
-            lines.append(f"| {r['backend']} | failed: {r.get('error', '')[-200:].strip().splitlines()[-1:] } | | | |")
-            continue
-        rel = f"{r['tokens_per_s'] / eager['tokens_per_s']:.2f}x" if eager else ""
-        lines.append(f"| {r['backend']} | {r['tokens_per_s']:,.1f} | {r['iter_s']:.2f} | "
-                     f"{r.get('peak_mem_mib', float('nan')):,.0f} | {rel} |")
-    method = next((r.get("mem_method") for r in results if r.get("mem_method")), "")
-    lines += ["", f"Peak memory: {method} (whole process: models, optimizer, rollout and update)."]
-    return "\n".join(lines)
+    lines: list[str] = []
+    for v in vocabs:
+        if v == 0:
+            model = "the offline default" if "--model" not in extra else extra[extra.index("--model") + 1]
+            lines += table(device, steps, extra, model)
+        else:
+            lines += table(device, steps, offline_task_flags(padded_vocab_model(v)) + extra,
+                           f"the offline task with its vocabulary padded to {v:,} (`--vocab {v}`)")
+    return "\n".join(lines).rstrip()
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--vocab", type=int, default=0,
+                    help="pad the offline policy's vocabulary to this size (0: the offline default as shipped)")
     a, extra = ap.parse_known_args(argv)
     import torch
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(figure(device, steps=a.steps, extra=extra))
+    print(figure(device, steps=a.steps, extra=extra, vocabs=(a.vocab,)))
     return 0
 
 
