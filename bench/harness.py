@@ -50,8 +50,8 @@ def run_case(benchmark, op: str, impl: str, shape: dict) -> None:
     first = time.perf_counter() - t0
     case.reset()
     est = first
-    if impl == "compile":  # the warm-up compiled: time one more step for the estimate
-        t0 = time.perf_counter()
+    if impl == "compile" or first < 5.0:  # the first step compiled, or paid first-touch page faults:
+        t0 = time.perf_counter()  # time a second one for the round count (else 3 rounds, one spike = the median)
         case.step()
         est = time.perf_counter() - t0
         case.reset()

@@ -5,7 +5,7 @@ kernel path, each in its own process: ``--kernel-backend auto`` (apa_fast: trito
 chunked torch backend on CPU), ``--kernel-backend torch``, and ``--kernel-backend eager`` (lm_head
 logits + ``log_softmax``, as trainers write it). Reports the median ``tokens_per_s`` the trainer logs
 per iteration (the first iteration, which warms up, is left out when there are more), and the peak
-memory: ``max_mem_gb`` from the trainer on CUDA, the process's peak RSS (``wait4``) on CPU.
+memory the trainer logs: ``max_mem_gb`` on CUDA, ``max_rss_gb`` (its own ``VmHWM``) on CPU.
 
 The offline default's vocabulary has 15 tokens, so its LM head is a rounding error and the fused
 path can buy nothing there. ``--vocab V`` (``bench.run`` adds V = 50,400, GPT-J's padded vocabulary)
@@ -38,13 +38,10 @@ def run_one(backend: str, steps: int, extra: list[str], timeout: float = 900) ->
            "--no-progress", "--no-plot", "--no-export", "--no-tensorboard", "--eval-every", "0", *extra]
     log_path = os.path.join(out, "stdout.log")
     with open(log_path, "w") as logf:
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT)
         try:
-            _, status, ru = os.wait4(p.pid, 0)
-        except ChildProcessError:
-            p.wait(timeout)
-            status, ru = p.returncode, None
-    code = os.waitstatus_to_exitcode(status) if isinstance(status, int) and ru is not None else status
+            code = subprocess.run(cmd, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = f"timed out after {timeout:.0f} s"
     res: dict = dict(backend=backend, command=" ".join(cmd[1:]), returncode=code, out=out)
     mpath = os.path.join(out, "metrics.jsonl")
     if code != 0 or not os.path.exists(mpath):
@@ -61,9 +58,9 @@ def run_one(backend: str, steps: int, extra: list[str], timeout: float = 900) ->
     if "max_mem_gb" in rows[-1]:
         res["peak_mem_mib"] = max(r["max_mem_gb"] for r in rows) * 1024
         res["mem_method"] = "torch.cuda.max_memory_allocated"
-    elif ru is not None:
-        res["peak_mem_mib"] = ru.ru_maxrss / 1024  # Linux: KiB
-        res["mem_method"] = "peak RSS of the trainer process"
+    elif "max_rss_gb" in rows[-1]:  # VmHWM of the trainer's own address space (wait4's ru_maxrss
+        res["peak_mem_mib"] = max(r["max_rss_gb"] for r in rows) * 1024  # would count this parent's)
+        res["mem_method"] = "peak RSS (VmHWM) of the trainer process"
     return res
 
 

@@ -48,6 +48,25 @@ class MetricsLog:
             self.tb.close()
 
 
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process, GiB: ``VmHWM`` of its own address space on Linux.
+
+    (``getrusage``'s ``ru_maxrss`` also counts the parent's memory when the process was started by
+    fork/vfork + exec, so a trainer launched by a large parent would report the parent's peak.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for ln in f:
+                if ln.startswith("VmHWM:"):
+                    return int(ln.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**30 if sys.platform == "darwin" else r / 2**20  # bytes on macOS, KiB elsewhere
+
+
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 

@@ -31,7 +31,7 @@ import apa_fast
 from . import checkpoint as ckpt
 from .config import Config, parse_args, preset_name
 from .loading import check_model_source, load_base_model, load_causal_lm, load_prompts, load_tokenizer
-from .metrics import MetricsLog, plot_runs, read_metrics
+from .metrics import MetricsLog, peak_rss_gb, plot_runs, read_metrics
 from .models import (
     HeadRequest, LoadError, freeze_bottom, install_fused_head, make_critic, position_ids_from_mask, shard,
 )
@@ -553,10 +553,8 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
         row["iter_s"] = dt
         if d.device.type == "cuda":
             row["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        else:  # peak resident memory of this process (Linux reports KiB)
-            import resource
-
-            row["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        else:
+            row["max_rss_gb"] = peak_rss_gb()
         trainer.step += 1
         done_here += 1
         if metrics is not None:
