@@ -126,13 +126,19 @@ def _single_block(
     if last_values is not None:  # gl * W_T * last / lam, W_T = gl ** (valid steps in the row)
         n_valid = m8.sum(-1, dtype=torch.float64)
         lv = (torch.pow(gl, n_valid) * last_values.to(torch.float64) * (gl / lam)).to(cdt).view(-1, 1)
+    # a finite sum means no NaN/inf anywhere (one read each, on CPU where it costs no device sync):
+    # then a multiply by the 0/1 mask already zeroes the masked steps
+    finite = rewards.device.type == "cpu" and bool(torch.isfinite(rewards.sum() + values.sum()))
     for b0 in range(0, B, rows):
         b1 = min(B, b0 + rows)
         mf, r, v, W = ws[:, : b1 - b0].unbind(0)
         mf.copy_(m8[b0:b1])
         # masked rewards/values may hold anything (NaN, inf, 1e6): zero them before any arithmetic
-        torch.mul(rewards[b0:b1], mf, out=r).nan_to_num_(0.0, 0.0, 0.0)
-        torch.mul(values[b0:b1], mf, out=v).nan_to_num_(0.0, 0.0, 0.0)
+        torch.mul(rewards[b0:b1], mf, out=r)
+        torch.mul(values[b0:b1], mf, out=v)
+        if not finite:
+            r.nan_to_num_(0.0, 0.0, 0.0)
+            v.nan_to_num_(0.0, 0.0, 0.0)
         # gl ** (valid steps in [0, t]), looked up in a table (ATen's exp forks threads from 2048
         # elements, pow(scalar, tensor) is scalar code: both are slower than an index_select here)
         torch.cumsum(m8[b0:b1], -1, dtype=torch.int64, out=cnt[: b1 - b0])
