@@ -165,6 +165,23 @@ def token_fwd(
     return logp, lse, ent
 
 
+def _chunk_exp(
+    h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, sc: _Scratch, tau: float, r0: int, r1: int,
+    lse: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rows [r0, r1): u = h W^T / tau (+ b), e = exp(u - max u) in the scratch, s = sum e; writes lse.
+
+    Returns (labels as a column, u at the labels, e, s): what a gradient formed in place needs."""
+    y = labels[r0:r1].unsqueeze(1)
+    u = _logits(h[r0:r1], weight, bias, sc, tau)
+    uy = u.gather(1, y).squeeze(1)
+    m = u.amax(1, keepdim=True)
+    e = u.sub_(m).exp_()
+    s = e.sum(1)
+    lse[r0:r1] = m.squeeze(1) + s.log()
+    return y, uy, e, s
+
+
 def token_fwd_dh(
     h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tau: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -185,13 +202,7 @@ def token_fwd_dh(
     sc = _Scratch(h, weight, rows, second=False)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        y = labels[r0:r1].unsqueeze(1)
-        u = _logits(h[r0:r1], weight, bias, sc, tau)
-        uy = u.gather(1, y).squeeze(1)
-        m = u.amax(1, keepdim=True)
-        e = u.sub_(m).exp_()
-        s = e.sum(1)
-        lse[r0:r1] = m.squeeze(1) + s.log()
+        y, uy, e, s = _chunk_exp(h, weight, bias, labels, sc, tau, r0, r1, lse)
         logp[r0:r1] = uy - lse[r0:r1]
         # (onehot - p) / tau, then D = that @ W
         dz = e.mul_((-1.0 / (s * tau)).unsqueeze(1))
@@ -264,13 +275,7 @@ def apa_fwd(
     sc = _Scratch(h, weight, rows, second=False)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        y = labels[r0:r1].unsqueeze(1)
-        u = _logits(h[r0:r1], weight, bias, sc, tau)
-        uy = u.gather(1, y).squeeze(1)
-        m = u.amax(1, keepdim=True)
-        e = u.sub_(m).exp_()
-        s = e.sum(1)
-        lse[r0:r1] = m.squeeze(1) + s.log()
+        y, uy, e, s = _chunk_exp(h, weight, bias, labels, sc, tau, r0, r1, lse)
         res = uy - lse[r0:r1] - target[r0:r1]
         resid[r0:r1] = res
         if want:

@@ -18,3 +18,11 @@ import pytest  # noqa: E402
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: a deliberately large case (large vocabulary, many processes)")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_threads():
+    """The trainer sets torch's thread count (--threads 1); give each test module back the count it began with."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

@@ -15,14 +15,6 @@ from train.config import parse_args
 from train.models import LoadError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_threads():
-    """The trainer sets torch's thread count (--threads 1); give other test modules theirs back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     torch.set_num_threads(1)

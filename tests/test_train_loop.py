@@ -14,14 +14,6 @@ from train_fixtures import cfg_for, make_tiny_model, run_trainer, tiny_args
 from train import run as R
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_threads():
-    """The trainer sets torch's thread count (--threads 1); give other test modules theirs back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
