@@ -81,6 +81,19 @@ def _rtne_bf16(x):
 
 
 @triton.jit
+def _row(x_ptr, labels_ptr, T, V, stride_b, stride_t, IGNORE_INDEX: tl.constexpr):
+    """This program's token: its row index, the address of its logits (any (B, T) strides), its label,
+    and whether that label is to be scored (not ignore_index, inside [0, V): never read out of bounds)."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    base = x_ptr + b * stride_b + t * stride_t  # b, t are int64: no int32 overflow
+    y = tl.load(labels_ptr + row).to(tl.int64)
+    valid = (y != IGNORE_INDEX) & (y >= 0) & (y < V)
+    return row, base, y, valid
+
+
+@triton.jit
 def _lse_fwd_kernel(
     x_ptr,
     labels_ptr,
@@ -101,12 +114,7 @@ def _lse_fwd_kernel(
     APA: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row - b * T
-    base = x_ptr + b * stride_b + t * stride_t  # b, t are int64: no int32 overflow
-    y = tl.load(labels_ptr + row).to(tl.int64)
-    valid = (y != IGNORE_INDEX) & (y >= 0) & (y < V)
+    row, base, y, valid = _row(x_ptr, labels_ptr, T, V, stride_b, stride_t, IGNORE_INDEX)
 
     cols = tl.arange(0, BLOCK_V)
     m = tl.full([], -float("inf"), tl.float32)
@@ -165,13 +173,8 @@ def _lse_bwd_kernel(
     ROUND_BF16: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row - b * T
-    base = x_ptr + b * stride_b + t * stride_t  # b, t are int64: no int32 overflow
+    row, base, y, valid = _row(x_ptr, labels_ptr, T, V, stride_b, stride_t, IGNORE_INDEX)
     out = grad_ptr + row * V
-    y = tl.load(labels_ptr + row).to(tl.int64)
-    valid = (y != IGNORE_INDEX) & (y >= 0) & (y < V)
     lse = tl.load(lse_ptr + row).to(tl.float32)
     g = 0.0
     if HAS_G:
