@@ -119,12 +119,17 @@ def check_mask_values(name: str, mask: Tensor) -> None:
         raise ValueError(f"{name} must be bool or contain only 0 and 1")
 
 
+def all_finite(x: Tensor) -> bool:
+    """True when x has no NaN/inf, in one read: a finite sum proves it (isfinite alone is three passes).
+    False may also mean a sum that overflowed: callers then look element by element."""
+    return bool(torch.isfinite(x.sum(dtype=out_dtype(x))))
+
+
 def check_finite_where(name: str, x: Tensor, valid: Tensor) -> None:
     """NaN/inf at valid positions would silently poison a loss: refuse them by name."""
     if not value_checks_enabled() or x.numel() == 0:
         return
-    # fast path, one read: a finite sum means no NaN/inf anywhere (isfinite alone is three passes)
-    if bool(torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))):
+    if all_finite(x):
         return
     bad = ~torch.isfinite(x) & valid
     if bool(bad.any()):

@@ -26,6 +26,8 @@ import threading
 import torch
 from torch import Tensor
 
+from . import _checks as C
+
 _MIN_WEIGHT_LOG10 = -250.0  # smallest (gamma*lam)**k a block may need, far from fp64 underflow
 
 
@@ -126,9 +128,9 @@ def _single_block(
     if last_values is not None:  # gl * W_T * last / lam, W_T = gl ** (valid steps in the row)
         n_valid = m8.sum(-1, dtype=torch.float64)
         lv = (torch.pow(gl, n_valid) * last_values.to(torch.float64) * (gl / lam)).to(cdt).view(-1, 1)
-    # a finite sum means no NaN/inf anywhere (one read each, on CPU where it costs no device sync):
-    # then a multiply by the 0/1 mask already zeroes the masked steps
-    finite = rewards.device.type == "cpu" and bool(torch.isfinite(rewards.sum() + values.sum()))
+    # no NaN/inf anywhere (one read each; on CPU only, where it costs no device sync): then a
+    # multiply by the 0/1 mask already zeroes the masked steps
+    finite = rewards.device.type == "cpu" and C.all_finite(rewards) and C.all_finite(values)
     for b0 in range(0, B, rows):
         b1 = min(B, b0 + rows)
         mf, r, v, W = ws[:, : b1 - b0].unbind(0)

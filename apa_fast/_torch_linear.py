@@ -40,6 +40,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._checks import out_dtype as _acc_dtype  # fp64 stays fp64, the rest accumulate in fp32
+
 # Rows per token chunk: an eighth of the tokens (so the chunk's fp32 logits stay ~5% of eager's
 # logits + log-softmax + gradient, about 2.4 N V floats), at least ROW_MIN rows (below that the
 # grad_W update, whose inner dimension is the chunk's rows, re-reads and re-writes all of grad_W
@@ -48,10 +50,6 @@ ROW_MIN = 64
 MAX_CHUNK_BYTES = 64 << 20
 # Row counts are rounded to a multiple of this, which keeps the matmul's panels aligned.
 _ROW_ALIGN = 16
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def rows_per_chunk(N: int, V: int, itemsize: int = 4) -> int:
@@ -135,6 +133,25 @@ def _finish(
     return gh, gw, gb
 
 
+def _chunk_exp(
+    h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, sc: _Scratch, tau: float, r0: int, r1: int,
+    lse: Tensor, e_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Rows [r0, r1): u = h W^T / tau (+ b), t = u - max u (exp(t) <= 1: no overflow), e = exp(t),
+    s = sum e; writes lse. e overwrites t in the scratch unless ``e_out`` is given (entropy needs both).
+
+    Returns (labels as a column, u at the labels, t, e, s)."""
+    y = labels[r0:r1].unsqueeze(1)
+    u = _logits(h[r0:r1], weight, bias, sc, tau)
+    uy = u.gather(1, y).squeeze(1)
+    m = u.amax(1, keepdim=True)
+    t = u.sub_(m)
+    e = t.exp_() if e_out is None else torch.exp(t, out=e_out)
+    s = e.sum(1)
+    lse[r0:r1] = m.squeeze(1) + s.log()
+    return y, uy, t, e, s
+
+
 def token_fwd(
     h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tau: float, return_entropy: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -148,38 +165,13 @@ def token_fwd(
     sc = _Scratch(h, weight, rows, second=return_entropy)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        y = labels[r0:r1].unsqueeze(1)
-        u = _logits(h[r0:r1], weight, bias, sc, tau)
-        uy = u.gather(1, y).squeeze(1)
-        m = u.amax(1, keepdim=True)
-        t = u.sub_(m)  # t = u - max: exp(t) <= 1, no overflow
+        e_out = sc.z2[: r1 - r0] if return_entropy else None
+        _, uy, t, e, s = _chunk_exp(h, weight, bias, labels, sc, tau, r0, r1, lse, e_out)
         if return_entropy:
-            e = torch.exp(t, out=sc.z2[: r1 - r0])
-            s = e.sum(1)
             # H = lse - E_p[u] = log s - E_p[t]  (shifted, so no cancellation of large logits)
             ent[r0:r1] = s.log() - torch.linalg.vecdot(e, t) / s
-        else:
-            s = t.exp_().sum(1)
-        lse[r0:r1] = m.squeeze(1) + s.log()
         logp[r0:r1] = uy - lse[r0:r1]
     return logp, lse, ent
-
-
-def _chunk_exp(
-    h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, sc: _Scratch, tau: float, r0: int, r1: int,
-    lse: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Rows [r0, r1): u = h W^T / tau (+ b), e = exp(u - max u) in the scratch, s = sum e; writes lse.
-
-    Returns (labels as a column, u at the labels, e, s): what a gradient formed in place needs."""
-    y = labels[r0:r1].unsqueeze(1)
-    u = _logits(h[r0:r1], weight, bias, sc, tau)
-    uy = u.gather(1, y).squeeze(1)
-    m = u.amax(1, keepdim=True)
-    e = u.sub_(m).exp_()
-    s = e.sum(1)
-    lse[r0:r1] = m.squeeze(1) + s.log()
-    return y, uy, e, s
 
 
 def token_fwd_dh(
@@ -202,7 +194,7 @@ def token_fwd_dh(
     sc = _Scratch(h, weight, rows, second=False)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        y, uy, e, s = _chunk_exp(h, weight, bias, labels, sc, tau, r0, r1, lse)
+        y, uy, _, e, s = _chunk_exp(h, weight, bias, labels, sc, tau, r0, r1, lse)
         logp[r0:r1] = uy - lse[r0:r1]
         # (onehot - p) / tau, then D = that @ W
         dz = e.mul_((-1.0 / (s * tau)).unsqueeze(1))
@@ -275,7 +267,7 @@ def apa_fwd(
     sc = _Scratch(h, weight, rows, second=False)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        y, uy, e, s = _chunk_exp(h, weight, bias, labels, sc, tau, r0, r1, lse)
+        y, uy, _, e, s = _chunk_exp(h, weight, bias, labels, sc, tau, r0, r1, lse)
         res = uy - lse[r0:r1] - target[r0:r1]
         resid[r0:r1] = res
         if want:

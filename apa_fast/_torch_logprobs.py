@@ -44,6 +44,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._checks import out_dtype as _acc_dtype  # fp64 stays fp64, the rest accumulate in fp32
+
 # Elements per chunk of whole rows: 16 MiB of fp32 where a chunk needs a scratch, 64 MiB where it is
 # computed in the gradient buffer itself (fp32/fp64 logits, tau = 1: no scratch at all).
 _CHUNK_ELEMS = 1 << 22
@@ -91,10 +93,6 @@ def _empty_grad(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     return t
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _rows(T: int, V: int, no_scratch: bool = False) -> int:
     return max(1, min(T, (_DIRECT_CHUNK_ELEMS if no_scratch else _CHUNK_ELEMS) // max(V, 1)))
 
@@ -138,7 +136,7 @@ def _target(u: Tensor, z: Tensor, scr: _Scratch) -> Tensor:
     return scr(0 if u is z else 1, u.shape[0])
 
 
-def _logp_from_p(p: Tensor, u: Tensor, idx: Tensor, acc: torch.dtype, uy: Tensor, z: Tensor, tau: float) -> Tensor:
+def _logp_from_p(p: Tensor, idx: Tensor, acc: torch.dtype, uy: Tensor, z: Tensor, tau: float) -> Tensor:
     """log p_y from softmax probabilities, exact (uy - logsumexp(z/tau)) where p_y would lose digits to
     underflow (rare rows; recomputed from z, since u may have been overwritten by p)."""
     py = p.gather(-1, idx).squeeze(-1)
@@ -183,6 +181,15 @@ def logprobs_fwd(
     return logp, lse, ent
 
 
+def _onehot_minus_p(p: Tensor, idx: Tensor, c: Tensor, out: Tensor, direct: bool) -> None:
+    """The logits gradient c * (onehot(idx) - p), formed in place over the softmax rows ``p`` (c: (rows, 1)),
+    then copied into the gradient rows ``out`` (rounded once) unless ``p`` already lives there."""
+    p.mul_(-c)
+    p.scatter_add_(-1, idx, c)
+    if not direct:
+        out.copy_(p)
+
+
 def logprobs_bwd(
     x3: Tensor,
     labels: Tensor,
@@ -215,10 +222,7 @@ def logprobs_bwd(
             # dz = g * (onehot - softmax(u)) / tau: softmax recomputed (one fused pass), then scaled
             u = _prep(z, tau, acc, scr)
             p = torch.softmax(u, -1, out=gflat[sl] if direct else _target(u, z, scr))
-            p.mul_(-gr / tau)
-            p.scatter_add_(-1, idx, gr / tau)
-            if not direct:
-                gflat[sl].copy_(p)
+            _onehot_minus_p(p, idx, gr / tau, gflat[sl], direct)
             continue
         scratch, pscratch = scr(0, r), scr(1, r)
         t = torch.sub(z, (lse[sl] * tau).unsqueeze(-1), out=scratch)
@@ -270,7 +274,7 @@ def apa_loss_fwd(
         uy = u.gather(-1, idx).squeeze(-1).to(acc)
         if need_grad:
             p = torch.softmax(u, -1, out=gflat[sl] if direct else _target(u, z, scr))
-            logp = _logp_from_p(p, u, idx, acc, uy, z, tau)
+            logp = _logp_from_p(p, idx, acc, uy, z, tau)
         else:
             logp = torch.log_softmax(u, -1, out=_target(u, z, scr)).gather(-1, idx).squeeze(-1)
         lse[sl] = uy - logp
@@ -279,9 +283,6 @@ def apa_loss_fwd(
         if need_grad:
             # dL/dz = c * (onehot - p) / tau with c = dL/dlogp, rounded once into the gradient's dtype
             c = (2.0 / tau) * res / n_acc
-            p.mul_(-c.unsqueeze(-1))
-            p.scatter_add_(-1, idx, c.unsqueeze(-1))
-            if not direct:
-                gflat[sl].copy_(p)
+            _onehot_minus_p(p, idx, c.unsqueeze(-1), gflat[sl], direct)
     loss = (resid * resid).sum() / n_acc
     return loss, lse, 2.0 * resid / n_acc, grad

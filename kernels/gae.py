@@ -17,12 +17,12 @@ output dtype: float32, or float64 when rewards or values are float64 (as the tor
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from apa_fast._dispatch import interpreter_on
 
 
 @triton.jit
@@ -77,7 +77,7 @@ MAX_BLOCK_B_INTERPRET = 1024
 
 
 def _block_b(B: int) -> int:
-    cap = MAX_BLOCK_B_INTERPRET if os.environ.get("TRITON_INTERPRET", "0") == "1" else MAX_BLOCK_B
+    cap = MAX_BLOCK_B_INTERPRET if interpreter_on() else MAX_BLOCK_B
     return max(16, min(triton.next_power_of_2(max(B, 1)), cap))
 
 

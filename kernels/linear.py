@@ -41,19 +41,15 @@ fp32 reference. ``tau`` reaches the kernels as a constexpr.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from apa_fast._dispatch import interpreter_on
 
 
-def _check(h: Tensor, weight: Tensor) -> None:
+def _check(h: Tensor) -> None:
     if h.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(
             f"backend='triton' supports float32, bfloat16 and float16, got {h.dtype}; "
@@ -63,7 +59,7 @@ def _check(h: Tensor, weight: Tensor) -> None:
 
 def _blocks(N: int, V: int, H: int, h: Tensor) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps): powers of two >= 16 (tl.dot's minimum)."""
-    if _interpreting():
+    if interpreter_on():
         # every block is one numpy op under the interpreter: big blocks are much faster
         bn = max(16, min(64, triton.next_power_of_2(N)))
         bv = max(16, min(INTERPRET_MAX_BLOCK_V, triton.next_power_of_2(V)))
@@ -82,20 +78,24 @@ FORCE_SPLITS: int | None = None
 MAX_PARTIAL_BYTES = 64 << 20
 
 
-def _splits(n_blocks_n: int, n_blocks_v: int, h: Tensor, partial_row_bytes: int = 0) -> int:
-    """How many programs share one token block's vocabulary, so that the grid fills the GPU.
+def _splits(n_blocks_n: int, V: int, block_v: int, h: Tensor, partial_row_bytes: int = 0) -> tuple[int, int]:
+    """(S, v_per): S programs share one token block's vocabulary, v_per columns each (a multiple of
+    block_v), so that the grid fills the GPU; every split holds at least one column.
 
     ``partial_row_bytes`` (N x H x 4 for grad_h) caps the splits so their partial sums stay small.
     """
+    n_blocks_v = triton.cdiv(V, block_v)
     if FORCE_SPLITS is not None:
-        return max(1, min(FORCE_SPLITS, n_blocks_v))
-    if _interpreting() or h.device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(h.device).multi_processor_count
-    s = max(1, min(n_blocks_v, triton.cdiv(2 * sms, max(1, n_blocks_n))))
-    if partial_row_bytes:
-        s = max(1, min(s, MAX_PARTIAL_BYTES // partial_row_bytes))
-    return s
+        s = max(1, min(FORCE_SPLITS, n_blocks_v))
+    elif interpreter_on() or h.device.type != "cuda":
+        s = 1
+    else:
+        sms = torch.cuda.get_device_properties(h.device).multi_processor_count
+        s = max(1, min(n_blocks_v, triton.cdiv(2 * sms, max(1, n_blocks_n))))
+        if partial_row_bytes:
+            s = max(1, min(s, MAX_PARTIAL_BYTES // partial_row_bytes))
+    v_per = triton.cdiv(n_blocks_v, s) * block_v
+    return triton.cdiv(V, v_per), v_per
 
 
 @triton.jit
@@ -274,8 +274,8 @@ def _grad_w_kernel(
         tl.store(gb_ptr + cols, gb, mask=cmask)
 
 
-def _common(h: Tensor, weight: Tensor, bias: Tensor | None, tau: float) -> dict:
-    lowp = h.element_size() == 2 and not _interpreting()
+def _common(h: Tensor, bias: Tensor | None, tau: float) -> dict:
+    lowp = h.element_size() == 2 and not interpreter_on()
     return dict(
         INV_TAU=1.0 / float(tau),
         HAS_BIAS=bias is not None,
@@ -285,7 +285,7 @@ def _common(h: Tensor, weight: Tensor, bias: Tensor | None, tau: float) -> dict:
 
 
 def _prep(h: Tensor, weight: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    _check(h, weight)
+    _check(h)
     h = h.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     return h, weight, labels.to(torch.int64).contiguous()
@@ -303,10 +303,8 @@ def token_fwd(
         z = torch.zeros(0, dtype=torch.float32, device=dev)
         return z, z.clone(), (z.clone() if return_entropy else None)
     BN, BV, BH, warps = _blocks(N, V, H, h)
-    nb_n, nb_v = triton.cdiv(N, BN), triton.cdiv(V, BV)
-    S = _splits(nb_n, nb_v, h)
-    v_per = triton.cdiv(nb_v, S) * BV
-    S = triton.cdiv(V, v_per)  # every split holds at least one column
+    nb_n = triton.cdiv(N, BN)
+    S, v_per = _splits(nb_n, V, BV, h)
     m = torch.empty(S, N, dtype=torch.float32, device=dev)
     s = torch.empty_like(m)
     uy = torch.empty_like(m)
@@ -315,7 +313,7 @@ def token_fwd(
         h, weight, bias if bias is not None else h, labels, m, s, went, uy,
         N, V, H, h.stride(0), weight.stride(0), v_per,
         HAS_ENT=return_entropy, BLOCK_N=BN, BLOCK_V=BV, BLOCK_H=BH, num_warps=warps,
-        **_common(h, weight, bias, tau),
+        **_common(h, bias, tau),
     )
     # merge the splits: M = max m;  S = sum s e^(m - M);  W = sum e^(m - M) (w + (m - M) s)
     M = m.amax(0)
@@ -356,13 +354,11 @@ def token_bwd(
     en = ent.to(torch.float32).contiguous() if has_ge else g
     BN, BV, BH, warps = _blocks(N, V, H, h)
     nb_n, nb_v = triton.cdiv(max(N, 1), BN), triton.cdiv(V, BV)
-    kw = dict(HAS_GE=has_ge, BLOCK_N=BN, BLOCK_V=BV, BLOCK_H=BH, num_warps=warps, **_common(h, weight, bias, tau))
+    kw = dict(HAS_GE=has_ge, BLOCK_N=BN, BLOCK_V=BV, BLOCK_H=BH, num_warps=warps, **_common(h, bias, tau))
     bptr = bias if bias is not None else h
     gh = gw = gb = None
     if need_h:
-        S = _splits(nb_n, nb_v, h, N * H * 4)
-        v_per = triton.cdiv(nb_v, S) * BV
-        S = triton.cdiv(V, v_per)
+        S, v_per = _splits(nb_n, V, BV, h, N * H * 4)
         part = torch.zeros(S, N, H, **f32)
         if N > 0:
             _grad_h_kernel[(nb_n, S)](

@@ -32,12 +32,12 @@ never make a kernel read out of bounds even when the public input checks are ski
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from apa_fast._dispatch import interpreter_on
 
 # Largest vocab block per loop iteration. Under the interpreter every block is one numpy op, so big
 # blocks are much faster there; on a GPU a block of a few thousand columns keeps registers in check.
@@ -45,14 +45,10 @@ MAX_BLOCK_V = 4096
 MAX_BLOCK_V_INTERPRET = 32768
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _config(V: int, x: Tensor) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for a vocab of size V: a power of two >= 16, at most one cap."""
-    cap = MAX_BLOCK_V_INTERPRET if _interpreting() else MAX_BLOCK_V
-    if x.element_size() == 2 and not _interpreting():
+    cap = MAX_BLOCK_V_INTERPRET if interpreter_on() else MAX_BLOCK_V
+    if x.element_size() == 2 and not interpreter_on():
         cap *= 2  # half-width loads: twice the columns for the same registers
     block = max(16, min(triton.next_power_of_2(V), cap))
     warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
@@ -309,7 +305,7 @@ def logprobs_bwd(
         IGNORE_INDEX=int(ignore_index),
         HAS_G=g_logp is not None,
         HAS_GE=g_ent is not None,
-        ROUND_BF16=x3.dtype == torch.bfloat16 and _interpreting(),
+        ROUND_BF16=x3.dtype == torch.bfloat16 and interpreter_on(),
         BLOCK_V=BLOCK_V,
         num_warps=warps,
     )
