@@ -109,9 +109,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_new_tokens=128, max_prompt_len=512, unfrozen_layers=2, save_every=50, eval_every=25,
     ),
 }
-_UNSET = {"steps": -1, "batch_size": -1, "minibatch_size": -1, "epochs": -1, "lr": -1.0, "lam": -1.0,
-          "reward_scale": "", "max_new_tokens": -1, "max_prompt_len": -1, "unfrozen_layers": -2,
-          "save_every": -1, "eval_every": -1, "threads": -1, "reward_model": None, "dataset": None}
+# a field a preset fills is "unset" while it holds its dataclass default (-1, "", None: "the preset's")
+_UNSET = {f.name: f.default for f in dataclasses.fields(Config)
+          if f.name != "model" and any(f.name in p for p in PRESETS.values())}
 
 
 def preset_name(model: str) -> str:

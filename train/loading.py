@@ -8,8 +8,8 @@ import socket
 from pathlib import Path
 
 from .models import LoadError
+from .offline import DATA_DIR
 
-DATA_DIR = Path(__file__).parent / "data"
 
 
 @functools.lru_cache(maxsize=1)

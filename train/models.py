@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import apa_fast
+from apa_fast import reference
 
 
 class LoadError(RuntimeError):
@@ -75,15 +76,8 @@ class FusedLMHead(nn.Linear):
 
 
 def _logprobs(h: Tensor, w: Tensor, b: Tensor | None, req: HeadRequest):
-    if req.backend == "eager":  # materialise the logits: the baseline the fused kernels replace
-        logits = F.linear(h, w, b).float() / req.temperature
-        logsm = torch.log_softmax(logits, -1)
-        valid = req.labels != -100
-        lp = logsm.gather(-1, torch.where(valid, req.labels, 0).unsqueeze(-1)).squeeze(-1)
-        lp = torch.where(valid, lp, 0.0)
-        if not req.entropy:
-            return lp
-        return lp, torch.where(valid, -(logsm.exp() * logsm).sum(-1), 0.0)
+    if req.backend == "eager":  # materialise the logits (the eager log_softmax of apa_fast.reference): the baseline
+        return reference.token_logprobs(F.linear(h, w, b), req.labels, req.temperature, return_entropy=req.entropy)
     return apa_fast.linear_token_logprobs(
         h, w, req.labels, bias=b, temperature=req.temperature, return_entropy=req.entropy, backend=req.backend
     )
@@ -93,8 +87,7 @@ def _apa_loss(h: Tensor, w: Tensor, b: Tensor | None, req: HeadRequest) -> Tenso
     a = req.apa
     labels = torch.where(a["mask"], req.labels, 0)
     if req.backend == "eager":
-        sub = HeadRequest(labels=labels, start=0, temperature=req.temperature, backend="eager")
-        lp = _logprobs(h, w, b, sub)
+        lp = reference.token_logprobs(F.linear(h, w, b), labels, req.temperature)
         resid = lp - a["ref_logprobs"] - a["advantages"] / a["lam"]
         return torch.where(a["mask"], resid**2, 0.0).sum() / a["mask"].sum().clamp(min=1)
     return apa_fast.linear_apa_loss(
@@ -138,14 +131,11 @@ def install_fused_head(lm: nn.Module, value_head: bool = False) -> FusedLMHead:
     if old.weight is lm.get_input_embeddings().weight:
         raise LoadError(f"{type(lm).__name__} ties lm_head to the input embeddings; the trainer needs an untied head "
                         "(GPT-J style). Untie it (config.tie_word_embeddings=False) and retry")
-    head = FusedLMHead(old.in_features, old.out_features, bias=old.bias is not None, value_head=value_head)
-    head.to(device=old.weight.device, dtype=old.weight.dtype)
-    with torch.no_grad():
-        head.weight.copy_(old.weight)
-        if old.bias is not None:
-            head.bias.copy_(old.bias)
-    if value_head:
-        head.v_head.float()
+    with torch.device("meta"):  # no V x H init and copy: the head takes over the old parameters
+        head = FusedLMHead(old.in_features, old.out_features, bias=old.bias is not None)
+    head.weight, head.bias = old.weight, old.bias
+    if value_head:  # float32 even under a bf16 policy
+        head.v_head = ValueHead(old.in_features).to(old.weight.device)
     lm.set_output_embeddings(head)
     return head
 
@@ -177,6 +167,8 @@ def freeze_bottom(lm: nn.Module, unfrozen_layers: int) -> None:
                 getattr(base, name).requires_grad_(True)
     if hasattr(lm, "get_output_embeddings"):
         lm.get_output_embeddings().requires_grad_(True)
+    if isinstance(lm, Critic):
+        lm.head.requires_grad_(True)
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

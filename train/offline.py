@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .models import position_ids_from_mask
+
 DATA_DIR = Path(__file__).parent / "data"
 CHARS = list("0123456789+=")
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
@@ -135,10 +137,10 @@ def supervised_warmup(tokenizer, recipe: WarmupRecipe):
         labels = enc["input_ids"].clone()
         am = enc["attention_mask"]
         T = labels.shape[1]
-        for b, i in enumerate(idx):
+        for b in range(len(idx)):
             n = int(am[b].sum())
             labels[b, : T - n + plen[b]] = -100  # pads and prompt: no loss
-        pos = (am.cumsum(-1) - 1).clamp(min=0)
+        pos = position_ids_from_mask(am)
         out = model(input_ids=enc["input_ids"], attention_mask=am, position_ids=pos, labels=labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -12,7 +12,6 @@ One iteration, top to bottom (each step is a function below):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -27,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import apa_fast
+from apa_fast import reference
 
 from . import checkpoint as ckpt
 from .config import Config, parse_args, preset_name
@@ -35,6 +35,7 @@ from .metrics import MetricsLog, peak_rss_gb, plot_runs, read_metrics
 from .models import (
     HeadRequest, LoadError, freeze_bottom, install_fused_head, make_critic, position_ids_from_mask, shard,
 )
+from .offline import DATA_DIR, warmed_up_model
 from .rewards import RewardScaler, load_reward
 
 # --------------------------------------------------------------------------------------------------
@@ -55,7 +56,8 @@ class Dist:
 
     def sum(self, *xs: float | Tensor) -> list[float]:
         """Sum scalars over ranks (float64 on the wire)."""
-        t = torch.tensor([float(x) for x in xs], dtype=torch.float64, device=self.device)
+        # one device-to-host copy for all tensors (float() on each would sync once per argument)
+        t = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device).reshape(()) for x in xs])
         if self.group is not None:
             dist.all_reduce(t, group=self.group)
         return t.tolist()
@@ -128,8 +130,6 @@ def build_models(cfg: Config, d: Dist, log) -> Models:
         return shard(model, d.mesh, mp if trainable else None, extra=(head,) if head is not None else ())
 
     if cfg.model == "offline":
-        from .offline import warmed_up_model
-
         path = str(_main_first(d, lambda: warmed_up_model(cfg.cache_dir or None, log=log)))
     else:
         path = cfg.model
@@ -151,7 +151,6 @@ def build_models(cfg: Config, d: Dist, log) -> Models:
         body = load_base_model(path, dtype=torch.float32, attn=attn, trust_remote_code=cfg.trust_remote_code)
         critic = make_critic(body, config)
         freeze_bottom(critic, cfg.unfrozen_layers)
-        critic.head.requires_grad_(True)
         critic = place(critic, trainable=True)
 
     reward = load_reward(cfg.reward_model, policy_config=config, tokenizer=tokenizer,
@@ -238,9 +237,9 @@ def rollout(m: Models, prompts: list[str], cfg: Config, d: Dist, greedy: bool = 
     completions = tok.batch_decode(torch.where(mask & ~is_eos, response, tok.pad_token_id), skip_special_tokens=True)
     b = Batch(input_ids, attn, position_ids_from_mask(attn), P, response, mask, list(prompts), completions)
     if sampling_logprobs:
-        logits = torch.stack(gen.logits, 1).float() / (1.0 if greedy else cfg.temperature)
-        lp = torch.log_softmax(logits, -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
-        b.logp_sample = torch.where(mask, lp, 0.0)
+        b.logp_sample = reference.token_logprobs(
+            torch.stack(gen.logits, 1), torch.where(mask, response, -100), 1.0 if greedy else cfg.temperature
+        )
     return b
 
 
@@ -341,13 +340,15 @@ def update(m: Models, b: Batch, cfg: Config, d: Dist, opt: torch.optim.Optimizer
     B = b.input_ids.shape[0]
     mb_size = cfg.minibatch_size // d.world
     sums = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0}
-    n_mb = 0
+    n_total = 0.0  # valid tokens seen over all ranks and epochs
     for _ in range(cfg.epochs):
         perm = torch.randperm(B, generator=gen).to(d.device)
-        for i in range(0, B, mb_size):
+        starts = range(0, B, mb_size)
+        counts = [float(b.mask[perm[i : i + mb_size]].sum()) for i in starts]
+        global_counts = d.sum(*counts)  # one all-reduce per epoch for every minibatch's token count
+        n_total += sum(global_counts)
+        for i, n_local, n_global in zip(starts, counts, global_counts):
             mb = b.rows(perm[i : i + mb_size])
-            n_local = float(mb.mask.sum())
-            (n_global,) = d.sum(n_local)
             # each rank's loss is a mean over its own tokens; FSDP averages gradients over ranks, so this
             # rescaling makes the update sum(token losses) / n_global, the same for any number of ranks
             scale = n_local * d.world / n_global if n_global > 0 else 0.0
@@ -364,9 +365,8 @@ def update(m: Models, b: Batch, cfg: Config, d: Dist, opt: torch.optim.Optimizer
             opt.zero_grad(set_to_none=True)
             for k, v in (("loss", loss), ("policy_loss", pg), ("value_loss", vf)):
                 sums[k] += float(v.detach()) * n_local
-            n_mb += 1
-    tot = d.sum(sums["loss"], sums["policy_loss"], sums["value_loss"], float(b.mask.sum()) * cfg.epochs)
-    return {k: v / max(tot[3], 1.0) for k, v in zip(sums, tot[:3])}
+    tot = d.sum(*sums.values())
+    return {k: v / max(n_total, 1.0) for k, v in zip(sums, tot)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,26 +416,27 @@ class Trainer:
 def iteration_metrics(b: Batch, d: Dist, n_bad: int) -> dict:
     """Global (all-rank) reward, KL (k1 and sqrt(mean k3)) and entropy of one rollout batch."""
     finite = torch.isfinite(b.scores)
+    scores = torch.where(finite, b.scores, 0.0)
     m = b.mask.float()
-    x = (b.logp_init - b.logp_old) * m
-    k3 = (torch.exp(x) - 1 - x) * m
+    x = (b.logp_init - b.logp_old) * m  # log(pi_init / pi), 0 at masked steps
+    k3 = torch.exp(x) - 1 - x
     seq_kl = ((b.logp_old - b.logp_init) * m).sum(-1)
     has = b.mask.any(-1).float()
     s = d.sum(
-        torch.where(finite, b.scores, 0.0).sum(), finite.sum(), (seq_kl * has).sum(), has.sum(), k3.sum(), m.sum(),
-        (b.entropy * m).sum(), n_bad, b.mask.sum(), torch.where(finite, b.scores, 0.0).pow(2).sum(),
+        scores.sum(), finite.sum(), (seq_kl * has).sum(), has.sum(), k3.sum(), m.sum(),
+        (b.entropy * m).sum(), n_bad, scores.pow(2).sum(),
     )
     n = max(s[1], 1.0)
     mean = s[0] / n
     return {
         "reward_mean": mean,
-        "reward_std": math.sqrt(max(s[9] / n - mean * mean, 0.0)),
+        "reward_std": math.sqrt(max(s[8] / n - mean * mean, 0.0)),
         "kl": s[2] / max(s[3], 1.0),
         "kl_sqrt_k3": math.sqrt(max(s[4] / max(s[5], 1.0), 0.0)),
         "entropy": s[6] / max(s[5], 1.0),
         "reward_nan": int(s[7]),
-        "response_tokens": int(s[8]),
-        "response_len": s[8] / max(s[3], 1.0),
+        "response_tokens": int(s[5]),
+        "response_len": s[5] / max(s[3], 1.0),
     }
 
 
@@ -491,7 +492,7 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
                            "Dahoas/rm-static`)" if gptj else "")
     prompts = load_prompts(cfg.dataset, cfg.dataset_split, cfg.prompt_column)
     if preset_name(cfg.model) == "offline" and cfg.dataset is None:  # a fixed few sums
-        eval_prompts = load_prompts(str(Path(__file__).parent / "data" / "arith_eval.jsonl"), "train", "prompt")
+        eval_prompts = load_prompts(str(DATA_DIR / "arith_eval.jsonl"), "train", "prompt")
     else:
         eval_prompts = prompts
     eval_prompts = eval_prompts[: cfg.eval_samples]
@@ -563,7 +564,7 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.3f}", refresh=False)
             bar.update(1)
         if cfg.eval_every and (trainer.step % cfg.eval_every == 0 or trainer.step == cfg.steps):
-            evaluate(m, eval_prompts, cfg, d, out, trainer.step, log, bar)
+            evaluate(m, eval_prompts, cfg, d, out, trainer.step, bar)
         if cfg.save_every and trainer.step % cfg.save_every == 0 or trainer.step == cfg.steps:
             ckpt.save(ckpt_dir, trainer.step, state, cfg.keep_checkpoints)
         if cfg.stop_after and done_here >= cfg.stop_after and trainer.step < cfg.steps:
@@ -600,7 +601,7 @@ def _gather(x: Tensor, d: Dist) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(m: Models, prompts: list[str], cfg: Config, d: Dist, out: Path, step: int, log, bar) -> None:
+def evaluate(m: Models, prompts: list[str], cfg: Config, d: Dist, out: Path, step: int, bar) -> None:
     """Greedy completions of the evaluation prompts (printed and appended to samples.jsonl)."""
     if not prompts:
         return
