@@ -16,10 +16,6 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: a deliberately large case (large vocabulary, many processes)")
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _restore_threads():
     """The trainer sets torch's thread count (--threads 1); give each test module back the count it began with."""

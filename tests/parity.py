@@ -26,10 +26,15 @@ LOWP = [torch.bfloat16, torch.float16]
 FP32_ATOL = 2e-5
 
 
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| over elements, computed in float64."""
+    return (a.double() - b.double()).abs().max().item()
+
+
 def assert_no_worse_than_eager(name: str, ours: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor, margin: float) -> None:
     """The Cut Cross-Entropy rule: |ours - exact| <= |eager - exact| + margin (max over elements)."""
-    e_ours = (ours.double() - exact.double()).abs().max().item()
-    e_eager = (eager.double() - exact.double()).abs().max().item()
+    e_ours = max_err(ours, exact)
+    e_eager = max_err(eager, exact)
     assert e_ours <= e_eager + margin, f"{name}: error {e_ours:.3e} vs eager {e_eager:.3e} (+{margin:.1e})"
 
 
@@ -47,3 +52,13 @@ def logits(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, scale: fl
 def labels(shape: tuple[int, ...], V: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, V, shape, generator=g).to(DEVICE)
+
+
+def apa_targets(lead: tuple[int, ...], seed: int, hole_frac: float = 0.3, device: torch.device = DEVICE):
+    """float64 APA targets for ``lead``: ref log-probs in (-5, 0], advantages ~ N(0, 1), and a mask
+    with about ``hole_frac`` of the positions masked out, all from one generator seeded ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    ref = (-torch.rand(lead, generator=g, dtype=torch.float64) * 5).to(device)
+    adv = torch.randn(lead, generator=g, dtype=torch.float64).to(device)
+    m = (torch.rand(lead, generator=g) > hole_frac).to(device)
+    return ref, adv, m

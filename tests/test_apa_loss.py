@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parity import BACKENDS, DEVICE, LOWP, assert_no_worse_than_eager, labels, logits, rounding_margin
+from parity import BACKENDS, LOWP, apa_targets, assert_no_worse_than_eager, labels, logits, rounding_margin
 
 import apa_fast
 from apa_fast import reference
 
 
 def _inputs(lead, V, dtype=torch.float32, hole_frac=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
     x = logits((*lead, V), dtype, seed=seed)
     y = labels(lead, V, seed=seed + 1)
-    ref = (-torch.rand(lead, generator=g, dtype=torch.float64) * 5).to(DEVICE)
-    adv = torch.randn(lead, generator=g, dtype=torch.float64).to(DEVICE)
-    m = (torch.rand(lead, generator=g) > hole_frac).to(DEVICE)
-    return x, y, ref, adv, m
+    return (x, y, *apa_targets(lead, seed, hole_frac))
 
 
 def _loss_and_grad(fn, x, scale=1.0):

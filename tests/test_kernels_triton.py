@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from parity import DEVICE, labels, logits, max_err
 
 pytest.importorskip("triton")
 
@@ -19,18 +20,7 @@ from apa_fast import reference  # noqa: E402
 from kernels import gae as KG  # noqa: E402
 from kernels import logprobs as K  # noqa: E402
 
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 IGN = -100
-
-
-def _randn(shape, scale=3.0, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEV)
-
-
-def _labels(shape, V, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, V, shape, generator=g).to(DEV)
 
 
 def _ref_fwd(x3, y, tau=1.0, ignore_index=IGN):
@@ -47,10 +37,6 @@ def _ref_grad(x3, y, g, ge, tau=1.0, ignore_index=IGN):
         loss = loss + (h.reshape(-1) * ge.double()).sum()
     loss.backward()
     return x.grad
-
-
-def _maxerr(a, b):
-    return (a.double() - b.double()).abs().max().item()
 
 
 @pytest.fixture
@@ -72,11 +58,11 @@ def test_bad_labels_never_read_out_of_bounds(small_blocks):
     Columns past V in the ragged last block (V=203, blocks of 64) would also read NaN neighbours.
     """
     B, T, V = 2, 4, 203
-    buf = torch.full((B, T + 2, V), float("nan"), device=DEV)
+    buf = torch.full((B, T + 2, V), float("nan"), device=DEVICE)
     x3 = buf[:, 1 : T + 1]
-    x3.copy_(_randn((B, T, V)))
+    x3.copy_(logits((B, T, V)))
     before = buf.clone()
-    y = _labels((B * T,), V)
+    y = labels((B * T,), V)
     bad = {0: V, 3: -1, 4: V + 7, 6: 2**40, 7: -(2**40)}  # row 0 / 3: first / last row of batch 0
     for i, v in bad.items():
         y[i] = v
@@ -89,14 +75,14 @@ def test_bad_labels_never_read_out_of_bounds(small_blocks):
     assert torch.equal(lp, lp_i) and torch.equal(ent, ent_i) and torch.equal(lse, lse_i)
     assert (lp[list(bad)] == 0).all() and (ent[list(bad)] == 0).all()
 
-    g, ge = _randn((B * T,), 1.0, 5), _randn((B * T,), 1.0, 6)
+    g, ge = logits((B * T,), scale=1.0, seed=5), logits((B * T,), scale=1.0, seed=6)
     grad = K.logprobs_bwd(x3, y, lse, ent, g, ge, 0.9, IGN)
     grad_i = K.logprobs_bwd(x3, y_ign, lse_i, ent_i, g, ge, 0.9, IGN)
     assert torch.isfinite(grad).all() and torch.equal(grad, grad_i)
     assert grad.view(B * T, V)[list(bad)].abs().max() == 0
 
-    ref, adv = _randn((B * T,), 1.0, 7) - 5, _randn((B * T,), 1.0, 8)
-    n = torch.tensor(float(B * T - len(bad)), device=DEV)
+    ref, adv = logits((B * T,), scale=1.0, seed=7) - 5, logits((B * T,), scale=1.0, seed=8)
+    n = torch.tensor(float(B * T - len(bad)), device=DEVICE)
     loss, _, coef, none = K.apa_loss_fwd(x3, y, ref, adv, n, 0.1, 0.9, IGN)
     loss_i, _, coef_i, _ = K.apa_loss_fwd(x3, y_ign, ref, adv, n, 0.1, 0.9, IGN)
     assert none is None and torch.isfinite(loss) and torch.equal(loss, loss_i) and torch.equal(coef, coef_i)
@@ -114,19 +100,19 @@ def test_int64_row_offsets():
     V = 1000
     S = (1 << 30) + V
     try:
-        buf = torch.empty(2 * S + V, dtype=torch.float16, device=DEV)
+        buf = torch.empty(2 * S + V, dtype=torch.float16, device=DEVICE)
     except (RuntimeError, MemoryError):
         pytest.skip("cannot reserve a 4 GiB buffer here")
     x3 = buf.as_strided((3, 1, V), (S, V, 1))
-    vals = _randn((3, 1, V), dtype=torch.float16)
+    vals = logits((3, 1, V), torch.float16)
     x3.copy_(vals)
-    y = torch.tensor([1, 500, V - 1], device=DEV)
+    y = torch.tensor([1, 500, V - 1], device=DEVICE)
     lp, lse, ent = K.logprobs_fwd(x3, y, 1.0, IGN, True)
     lr, hr = _ref_fwd(vals, y)
-    assert _maxerr(lp, lr) < 2e-5 and _maxerr(ent, hr) < 2e-5
-    grad = K.logprobs_bwd(x3, y, lse, None, torch.ones(3, device=DEV), None, 1.0, IGN)
+    assert max_err(lp, lr) < 2e-5 and max_err(ent, hr) < 2e-5
+    grad = K.logprobs_bwd(x3, y, lse, None, torch.ones(3, device=DEVICE), None, 1.0, IGN)
     gr = _ref_grad(vals, y, torch.ones(3), None)
-    assert _maxerr(grad, gr) <= 2**-11  # fp16 output: half an ulp of values <= 1
+    assert max_err(grad, gr) <= 2**-11  # fp16 output: half an ulp of values <= 1
     del buf
 
 
@@ -139,34 +125,34 @@ def test_arbitrary_row_strides(layout, small_blocks):
     """A shifted slice logits[:, :-1] and a (T, B, V)-stored tensor seen as (B, T, V): no copy."""
     B, T, V = 3, 5, 131
     if layout == "shifted":
-        x3 = _randn((B, T + 1, V))[:, :-1]
+        x3 = logits((B, T + 1, V))[:, :-1]
     else:
-        x3 = _randn((T, B, V)).transpose(0, 1)
+        x3 = logits((T, B, V)).transpose(0, 1)
     assert not x3.is_contiguous() and x3.stride(-1) == 1
-    y = _labels((B * T,), V)
+    y = labels((B * T,), V)
     y[4] = IGN
-    g, ge = _randn((B * T,), 1.0, 3), _randn((B * T,), 1.0, 4)
+    g, ge = logits((B * T,), scale=1.0, seed=3), logits((B * T,), scale=1.0, seed=4)
     lp, lse, ent = K.logprobs_fwd(x3, y, 1.3, IGN, True)
     lr, hr = _ref_fwd(x3, y, 1.3)
     # fp32 vs float64 on the same values: a few fp32 ulps of |logp|, |H| <~ 15
-    assert _maxerr(lp, lr) < 1e-5 and _maxerr(ent, hr) < 1e-5
+    assert max_err(lp, lr) < 1e-5 and max_err(ent, hr) < 1e-5
     grad = K.logprobs_bwd(x3, y, lse, ent, g, ge, 1.3, IGN)
     assert grad.is_contiguous() and grad.shape == x3.shape
     # probabilities times O(1) upstream gradients, computed in fp32
-    assert _maxerr(grad, _ref_grad(x3, y, g, ge, 1.3)) < 1e-5
+    assert max_err(grad, _ref_grad(x3, y, g, ge, 1.3)) < 1e-5
 
 
 @pytest.mark.parametrize("V", [1, 2, 17, 63, 64, 65, 1001])
 def test_vocab_sizes_and_ragged_blocks(V, small_blocks):
     """V below, at and around the block size (64 here) and many blocks with a ragged tail."""
-    x3 = _randn((2, 3, V), seed=V)
-    y = _labels((6,), V, seed=V + 1)
-    g, ge = _randn((6,), 1.0, 2), _randn((6,), 1.0, 3)
+    x3 = logits((2, 3, V), seed=V)
+    y = labels((6,), V, seed=V + 1)
+    g, ge = logits((6,), scale=1.0, seed=2), logits((6,), scale=1.0, seed=3)
     lp, lse, ent = K.logprobs_fwd(x3, y, 0.7, IGN, True)
     lr, hr = _ref_fwd(x3, y, 0.7)
-    assert _maxerr(lp, lr) < 1e-5 and _maxerr(ent, hr) < 1e-5  # fp32 accumulation, see above
+    assert max_err(lp, lr) < 1e-5 and max_err(ent, hr) < 1e-5  # fp32 accumulation, see above
     grad = K.logprobs_bwd(x3, y, lse, ent, g, ge, 0.7, IGN)
-    assert _maxerr(grad, _ref_grad(x3, y, g, ge, 0.7)) < 1e-5
+    assert max_err(grad, _ref_grad(x3, y, g, ge, 0.7)) < 1e-5
     if V == 1:  # one class: logp = 0, H = 0, onehot - p = 0, exactly
         assert lp.abs().max() == 0 and ent.abs().max() == 0 and grad.abs().max() == 0
 
@@ -174,15 +160,15 @@ def test_vocab_sizes_and_ragged_blocks(V, small_blocks):
 def test_minus_inf_logits_in_first_block(small_blocks):
     """Top-k-style masked logits (-inf) filling whole early blocks must not poison the running max."""
     B, T, V = 1, 3, 300
-    x3 = _randn((B, T, V))
+    x3 = logits((B, T, V))
     x3[0, 0, :200] = float("-inf")  # blocks 0..2 all -inf, block 3 partly
     x3[0, 1, ::2] = float("-inf")
-    y = torch.tensor([250, 1, 7], device=DEV)
-    g, ge = _randn((3,), 1.0, 2), _randn((3,), 1.0, 3)
+    y = torch.tensor([250, 1, 7], device=DEVICE)
+    g, ge = logits((3,), scale=1.0, seed=2), logits((3,), scale=1.0, seed=3)
     lp, lse, ent = K.logprobs_fwd(x3, y, 1.0, IGN, True)
     assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
     lr, _ = _ref_fwd(x3, y)
-    assert _maxerr(lp, lr) < 1e-5
+    assert max_err(lp, lr) < 1e-5
     # entropy oracle over the finite columns only (the reference's p*log p is 0*-inf = NaN there)
     for r in range(3):
         zr = x3[0, r][torch.isfinite(x3[0, r])].double()
@@ -194,29 +180,29 @@ def test_minus_inf_logits_in_first_block(small_blocks):
     x = x3.double().requires_grad_()
     (reference.token_logprobs(x, y.view(1, 3)).reshape(-1) * g.double()).sum().backward()
     ge0 = K.logprobs_bwd(x3, y, lse, None, g, None, 1.0, IGN)
-    assert _maxerr(ge0, x.grad) < 1e-5
+    assert max_err(ge0, x.grad) < 1e-5
 
 
 def test_ignore_index_is_any_integer():
     """ignore_index may be a valid vocab id or -1: those rows give 0 and no gradient."""
     V = 50
-    x3 = _randn((1, 8, V))
+    x3 = logits((1, 8, V))
     for ign in (5, -1):
-        y = _labels((8,), V)
+        y = labels((8,), V)
         y[2] = ign
         y[5] = ign
         lp, lse, ent = K.logprobs_fwd(x3, y, 1.0, ign, True)
         lr, hr = _ref_fwd(x3, y, 1.0, ign)
-        assert _maxerr(lp, lr) < 1e-5 and _maxerr(ent, hr) < 1e-5
+        assert max_err(lp, lr) < 1e-5 and max_err(ent, hr) < 1e-5
         assert lp[2] == 0 and lp[5] == 0 and ent[2] == 0
-        grad = K.logprobs_bwd(x3, y, lse, ent, torch.ones(8, device=DEV), torch.ones(8, device=DEV), 1.0, ign)
+        grad = K.logprobs_bwd(x3, y, lse, ent, torch.ones(8, device=DEVICE), torch.ones(8, device=DEVICE), 1.0, ign)
         assert grad[0, 2].abs().max() == 0 and grad[0, 5].abs().max() == 0
         assert grad[0, 0].abs().max() > 0
 
 
 def test_float64_is_refused_with_a_pointer():
-    x3 = torch.zeros(1, 2, 3, dtype=torch.float64, device=DEV)
-    y = torch.zeros(2, dtype=torch.long, device=DEV)
+    x3 = torch.zeros(1, 2, 3, dtype=torch.float64, device=DEVICE)
+    y = torch.zeros(2, dtype=torch.long, device=DEVICE)
     with pytest.raises(TypeError, match="backend='torch'"):
         K.logprobs_fwd(x3, y, 1.0, IGN, False)
     with pytest.raises(TypeError, match="float64"):
@@ -245,11 +231,11 @@ def test_low_precision_no_worse_than_eager(dtype, scale, small_blocks):
     scale 20 makes p_y close to 1 on many rows: the cancellation that broke bf16 gradients in Liger.
     """
     B, T, V = 2, 6, 777
-    x3 = _randn((B, T, V), scale, seed=11, dtype=dtype)
+    x3 = logits((B, T, V), dtype, scale=scale, seed=11)
     y = x3.float().argmax(-1).reshape(-1)  # the likely token, as sampled text mostly is
-    y[1::3] = _labels((B * T,), V)[1::3]
+    y[1::3] = labels((B * T,), V)[1::3]
     tau = 0.8
-    g, ge = _randn((B * T,), 1.0, 12), _randn((B * T,), 1.0, 13)
+    g, ge = logits((B * T,), scale=1.0, seed=12), logits((B * T,), scale=1.0, seed=13)
     lp, lse, ent = K.logprobs_fwd(x3, y, tau, IGN, True)
     grad = K.logprobs_bwd(x3, y, lse, ent, g, ge, tau, IGN)
     lr, hr = _ref_fwd(x3, y, tau)
@@ -258,29 +244,29 @@ def test_low_precision_no_worse_than_eager(dtype, scale, small_blocks):
     # logp/H: ours are fp32 sums of exactly-upcast inputs, eager's are rounded to the dtype; the
     # margin is fp32 rounding at |value| <~ 60 (scale 20 / tau): 60 * 2**-23 ~ 7e-6, doubled
     for name, ours, eager, exact in (("logp", lp, elp, lr), ("entropy", ent, eh, hr)):
-        assert _maxerr(ours, exact) <= _maxerr(eager, exact) + 1.5e-5, name
+        assert max_err(ours, exact) <= max_err(eager, exact) + 1.5e-5, name
     # gradient: rounded once from fp32, so <= half an ulp of |grad| <~ 5; eager rounds several
     # intermediates. Margin: 1/8 ulp at that magnitude in bf16 (2**-6), 1/8 ulp in fp16 (2**-9)
     margin = 2**-6 if dtype == torch.bfloat16 else 2**-9
-    assert _maxerr(grad, gr) <= _maxerr(eg, gr) + margin
+    assert max_err(grad, gr) <= max_err(eg, gr) + margin
     assert grad.dtype == dtype
     # eager's own error is large in these dtypes, so also hold the kernel to absolute bounds:
     # logp/H are fp32 results (fp32 rounding at |value| <~ 60, see above) and the gradient is
     # correctly rounded up to fp32 slack: half an ulp of the largest |grad| in the dtype
-    assert _maxerr(lp, lr) < 1.5e-5 and _maxerr(ent, hr) < 1.5e-5
+    assert max_err(lp, lr) < 1.5e-5 and max_err(ent, hr) < 1.5e-5
     mant = 8 if dtype == torch.bfloat16 else 11  # significand bits incl. the implicit one
     gmax = gr.abs().max().item()
     half_ulp = 2.0 ** (torch.tensor(gmax).log2().floor().item() - mant)
-    assert _maxerr(grad, gr) <= half_ulp * 1.01
+    assert max_err(grad, gr) <= half_ulp * 1.01
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gradient_is_rounded_once(dtype, small_blocks):
     """The low-precision gradient equals the fp32 kernel's gradient on the same values, rounded once
     to the dtype by torch (round to nearest even): no intermediate is rounded to the dtype."""
-    x3 = _randn((2, 3, 200), 6.0, seed=21, dtype=dtype)
-    y = _labels((6,), 200)
-    g, ge = _randn((6,), 2.0, 22), _randn((6,), 2.0, 23)
+    x3 = logits((2, 3, 200), dtype, scale=6.0, seed=21)
+    y = labels((6,), 200)
+    g, ge = logits((6,), scale=2.0, seed=22), logits((6,), scale=2.0, seed=23)
     lp, lse, ent = K.logprobs_fwd(x3, y, 0.9, IGN, True)
     lp32, lse32, ent32 = K.logprobs_fwd(x3.float(), y, 0.9, IGN, True)
     assert torch.equal(lp, lp32) and torch.equal(lse, lse32) and torch.equal(ent, ent32)
@@ -292,20 +278,20 @@ def test_gradient_is_rounded_once(dtype, small_blocks):
 def test_large_vocab_bf16():
     """V = 151,936 (Qwen2) in bf16, forward and backward, a few rows: the deliberate large case."""
     V = 151_936
-    x3 = _randn((1, 3, V), 4.0, seed=31, dtype=torch.bfloat16)
-    y = torch.tensor([0, V - 1, 77_777], device=DEV)
-    g, ge = _randn((3,), 1.0, 32), _randn((3,), 1.0, 33)
+    x3 = logits((1, 3, V), torch.bfloat16, scale=4.0, seed=31)
+    y = torch.tensor([0, V - 1, 77_777], device=DEVICE)
+    g, ge = logits((3,), scale=1.0, seed=32), logits((3,), scale=1.0, seed=33)
     lp, lse, ent = K.logprobs_fwd(x3, y, 1.0, IGN, True)
     grad = K.logprobs_bwd(x3, y, lse, ent, g, ge, 1.0, IGN)
     lr, hr = _ref_fwd(x3, y)
     gr = _ref_grad(x3, y, g, ge)
     elp, eh, eg = _eager(x3, y, 1.0, g, ge)
     # same rule and margins as above (|logp|, H <~ 20 here)
-    assert _maxerr(lp, lr) <= _maxerr(elp, lr) + 1.5e-5
-    assert _maxerr(ent, hr) <= _maxerr(eh, hr) + 1.5e-5
-    assert _maxerr(grad, gr) <= _maxerr(eg, gr) + 2**-6
+    assert max_err(lp, lr) <= max_err(elp, lr) + 1.5e-5
+    assert max_err(ent, hr) <= max_err(eh, hr) + 1.5e-5
+    assert max_err(grad, gr) <= max_err(eg, gr) + 2**-6
     # and against fp32 accumulation alone: a sum of 1.5e5 terms in fp32, ~log2(V) ulps of |H| ~ 12
-    assert _maxerr(lp, lr) < 3e-5 and _maxerr(ent, hr) < 3e-5
+    assert max_err(lp, lr) < 3e-5 and max_err(ent, hr) < 3e-5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,12 +300,12 @@ def test_large_vocab_bf16():
 
 def test_apa_loss_fwd_formula_and_recompute(small_blocks):
     B, T, V = 2, 5, 150
-    x3 = _randn((B, T + 1, V))[:, :-1]
-    y = _labels((B * T,), V)
-    m = torch.rand(B * T, generator=torch.Generator().manual_seed(3)).to(DEV) > 0.3
+    x3 = logits((B, T + 1, V))[:, :-1]
+    y = labels((B * T,), V)
+    m = torch.rand(B * T, generator=torch.Generator().manual_seed(3)).to(DEVICE) > 0.3
     y = torch.where(m, y, IGN)
-    ref = torch.where(m, _randn((B * T,), 1.0, 4) - 5, 0.0)
-    adv = torch.where(m, _randn((B * T,), 1.0, 5), 0.0)
+    ref = torch.where(m, logits((B * T,), scale=1.0, seed=4) - 5, 0.0)
+    adv = torch.where(m, logits((B * T,), scale=1.0, seed=5), 0.0)
     n = m.sum().float()
     lam, tau = 0.3, 0.8
     for need_grad in (False, True):  # need_grad is ignored: the backward always recomputes
@@ -329,21 +315,21 @@ def test_apa_loss_fwd_formula_and_recompute(small_blocks):
     resid = torch.where(m.cpu(), lr.cpu() - ref.double().cpu() - adv.double().cpu() / lam, 0.0)
     exact = (resid**2).sum() / n.item()
     assert abs(loss.item() - exact.item()) <= 1e-5 * exact.item()  # fp32 sum of N squares
-    assert _maxerr(coef.cpu(), 2 * resid / n.item()) < 1e-5
+    assert max_err(coef.cpu(), 2 * resid / n.item()) < 1e-5
     # all masked: loss 0 and coef 0, never NaN (n = 0 is clamped to 1 on the device)
     yi = torch.full_like(y, IGN)
-    loss0, _, coef0, _ = K.apa_loss_fwd(x3, yi, ref, adv, torch.tensor(0.0, device=DEV), lam, tau, IGN)
+    loss0, _, coef0, _ = K.apa_loss_fwd(x3, yi, ref, adv, torch.tensor(0.0, device=DEVICE), lam, tau, IGN)
     assert loss0.item() == 0 and coef0.abs().max().item() == 0
 
 
 def test_public_apa_loss_triton_matches_reference_bf16():
     """End to end through apa_fast.apa_loss (autograd Function + recompute in backward), bf16."""
     B, T, V = 2, 6, 333
-    z = _randn((B, T + 1, V), 3.0, seed=41, dtype=torch.bfloat16)
-    y = _labels((B, T), V)
-    ref = _randn((B, T), 1.0, 42) - 6
-    adv = _randn((B, T), 1.0, 43)
-    m = torch.rand(B, T, generator=torch.Generator().manual_seed(44)).to(DEV) > 0.25
+    z = logits((B, T + 1, V), torch.bfloat16, scale=3.0, seed=41)
+    y = labels((B, T), V)
+    ref = logits((B, T), scale=1.0, seed=42) - 6
+    adv = logits((B, T), scale=1.0, seed=43)
+    m = torch.rand(B, T, generator=torch.Generator().manual_seed(44)).to(DEVICE) > 0.25
     zt = z.clone().requires_grad_()
     L = apa_fast.apa_loss(zt[:, :-1], y, ref, adv, m, lam=0.1, temperature=0.9, backend="triton")
     (2.5 * L).backward()
@@ -353,7 +339,7 @@ def test_public_apa_loss_triton_matches_reference_bf16():
     assert abs(L.item() - Lr.item()) <= 1e-5 * Lr.item()  # fp32 sums of exactly-upcast bf16
     # gradient rounded once to bf16: half an ulp of its largest magnitude, plus fp32 slack
     gmax = zr.grad.abs().max().item()
-    assert _maxerr(zt.grad, zr.grad) <= gmax * 2**-8 * 1.01
+    assert max_err(zt.grad, zr.grad) <= gmax * 2**-8 * 1.01
     assert zt.grad[:, -1].abs().max() == 0  # the shifted-out position gets no gradient
 
 
@@ -370,7 +356,7 @@ def _gae_inputs(B, T, seed, holes=True):
     if holes:
         m &= torch.rand(B, T, generator=gen) > 0.25  # interior holes
     last = torch.randn(B, generator=gen)
-    return r.to(DEV), v.to(DEV), m.to(DEV), last.to(DEV)
+    return r.to(DEVICE), v.to(DEVICE), m.to(DEVICE), last.to(DEVICE)
 
 
 @pytest.mark.parametrize("B,T", [(1, 1), (3, 17), (37, 9)])
@@ -387,7 +373,7 @@ def test_gae_kernel_against_reference(B, T, use_last, monkeypatch):
     Ar, Rr = reference.gae(r.double().cpu(), v.double().cpu(), m.cpu(), 0.99, 0.9, None if lv is None else lv.double().cpu())
     assert A.dtype == torch.float32 and torch.isfinite(A).all() and torch.isfinite(R).all()
     # fp32 recurrence of <= T steps with |terms| <~ 4: a few ulps per step
-    assert _maxerr(A.cpu(), Ar) < 1e-5 * T and _maxerr(R.cpu(), Rr) < 1e-5 * T
+    assert max_err(A.cpu(), Ar) < 1e-5 * T and max_err(R.cpu(), Rr) < 1e-5 * T
     assert (A[~m] == 0).all() and (R[~m] == 0).all()
 
 
@@ -408,10 +394,10 @@ def test_gae_float64_exact_strided_and_numeric_mask():
 
 def test_gae_interior_hole_carries_through_exactly():
     """A hole between two valid steps: the earlier step sees the later one's value and advantage."""
-    r = torch.tensor([[1.0, 123.0, 2.0, 0.0]], device=DEV)
-    v = torch.tensor([[0.5, float("nan"), 0.25, float("inf")]], device=DEV)
-    m = torch.tensor([[True, False, True, False]], device=DEV)
-    A, R = KG.gae_fwd(r, v, m, 0.5, 0.5, torch.tensor([4.0], device=DEV))
+    r = torch.tensor([[1.0, 123.0, 2.0, 0.0]], device=DEVICE)
+    v = torch.tensor([[0.5, float("nan"), 0.25, float("inf")]], device=DEVICE)
+    m = torch.tensor([[True, False, True, False]], device=DEVICE)
+    A, R = KG.gae_fwd(r, v, m, 0.5, 0.5, torch.tensor([4.0], device=DEVICE))
     a2 = 2.0 + 0.5 * 4.0 - 0.25  # last_values passes through the masked step 3
     a0 = 1.0 + 0.5 * 0.25 - 0.5 + 0.25 * a2
     torch.testing.assert_close(A.cpu(), torch.tensor([[a0, 0.0, a2, 0.0]]), atol=1e-6, rtol=0)
@@ -424,4 +410,4 @@ def test_gae_bf16_inputs_accumulate_in_fp32():
     Ar, Rr = reference.gae(r.bfloat16().double().cpu(), v.bfloat16().double().cpu(), m.cpu(), 1.0, 0.95,
                            last.bfloat16().double().cpu())
     assert A.dtype == torch.float32
-    assert _maxerr(A.cpu(), Ar) < 2e-5 and _maxerr(R.cpu(), Rr) < 2e-5  # exact inputs, fp32 steps
+    assert max_err(A.cpu(), Ar) < 2e-5 and max_err(R.cpu(), Rr) < 2e-5  # exact inputs, fp32 steps

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_fixtures import PROMPTS, make_tiny_model, tiny_args
+from train_fixtures import cfg_for, make_tiny_model, tiny_args, tiny_config
 
 from train import run as R
 from train.config import parse_args
@@ -35,10 +35,10 @@ def _main_error(argv, capsys) -> str:
 
 
 def _tiny_gptj_config():
-    from train.offline import build_tokenizer, tiny_gptj_config
+    from train.offline import build_tokenizer
 
     tok = build_tokenizer()
-    return tok, tiny_gptj_config(tok, n_layer=2, n_embd=32, n_head=2, rotary_dim=8)
+    return tok, tiny_config(tok)
 
 
 def _raw_rm_checkpoint(path: Path, config) -> dict:
@@ -204,10 +204,6 @@ def test_hf_sequence_classification_reward(tmp_path):
 def test_gptj_like_setup_end_to_end(tmp_path, capsys):
     """The --model gptj code path in miniature: pad == EOS, the raw GPT-J reward checkpoint, running reward
     scaling, top-1 block trainable, both critics."""
-    import json
-
-    from train_fixtures import make_tiny_model
-
     policy = make_tiny_model(tmp_path / "sft", pad_is_eos=True)
     _, config = _tiny_gptj_config()
     _raw_rm_checkpoint(tmp_path / "hf_ckpt.pt", config)
@@ -223,8 +219,6 @@ def test_gptj_like_setup_end_to_end(tmp_path, capsys):
 
 
 def test_unfrozen_layers_trains_only_the_top_blocks(tmp_path):
-    from train_fixtures import cfg_for, make_tiny_model
-
     path = make_tiny_model(tmp_path / "m", n_layer=3)
     cfg = cfg_for(path, tmp_path / "o", "--unfrozen-layers", "1")
     m = R.build_models(cfg, R.Dist(), print)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_fixtures import cfg_for, make_tiny_model, run_trainer, tiny_args
+from train_fixtures import REPO, cfg_for, experience, make_tiny_model, run_trainer, tiny_args
 
 from train import run as R
 
@@ -28,12 +28,7 @@ def _models(tiny, tmp_path, *extra):
 
 
 def _experience(m, cfg, d, n=8):
-    prompts = R.load_prompts(cfg.dataset, "train", "prompt")[:n]
-    b = R.rollout(m, prompts, cfg, d, sampling_logprobs=True)
-    R.score(m, b, d, print)
-    R.make_experience(m, b, cfg, R.KLController(cfg.kl_init, cfg.kl_target, cfg.kl_horizon), b.scores)
-    R.compute_advantages(b, cfg, d)
-    return b
+    return experience(m, cfg, d, R.load_prompts(cfg.dataset, "train", "prompt")[:n], sampling_logprobs=True)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -96,17 +91,10 @@ def test_nan_rewards_are_reported_and_left_out(tiny, tmp_path, capsys):
 
 
 def test_one_to_two_ranks_same_parameters(tiny, tmp_path):
-    import subprocess
-    import sys
-
-    from train_fixtures import REPO, env
-
     outs = {}
     for n in (1, 2):
         f = tmp_path / f"w{n}.pt"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               str(REPO / "tests" / "train_fixtures.py"), "one-update", str(tiny), str(f)]
-        p = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+        p = run_trainer(["one-update", str(tiny), str(f)], nproc=n, entry=(str(REPO / "tests" / "train_fixtures.py"),))
         assert p.returncode == 0, p.stderr[-3000:]
         outs[n] = torch.load(f, weights_only=True)
     a, b = outs[1], outs[2]
@@ -168,7 +156,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path):
     import sys
     import time
 
-    from train_fixtures import REPO, env
+    from train_fixtures import env
 
     args = ["--steps", "16", "--save-every", "3", "--no-export", "--no-plot"]
     full, killed = tmp_path / "full", tmp_path / "killed"

@@ -18,19 +18,26 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS = str(REPO / "train" / "data" / "arith_prompts.jsonl")
 
 
+def tiny_config(tok, n_layer: int = 2, n_embd: int = 32):
+    """The tests' tiny GPT-J config (2 heads, rotary_dim 8) for the offline tokenizer ``tok``."""
+    from train.offline import tiny_gptj_config
+
+    return tiny_gptj_config(tok, n_layer=n_layer, n_embd=n_embd, n_head=2, rotary_dim=8)
+
+
 def make_tiny_model(path: Path, seed: int = 0, n_layer: int = 2, n_embd: int = 32, pad_is_eos: bool = False) -> Path:
     """A random tiny GPTJForCausalLM with the offline character tokenizer, saved with save_pretrained.
 
     ``pad_is_eos``: pad with the EOS token, as GPT-J's tokenizer setups do."""
     from transformers import GPTJForCausalLM
 
-    from train.offline import build_tokenizer, tiny_gptj_config
+    from train.offline import build_tokenizer
 
     tok = build_tokenizer()
     if pad_is_eos:
         tok.pad_token = tok.eos_token
     torch.manual_seed(seed)
-    model = GPTJForCausalLM(tiny_gptj_config(tok, n_layer=n_layer, n_embd=n_embd, n_head=2, rotary_dim=8))
+    model = GPTJForCausalLM(tiny_config(tok, n_layer=n_layer, n_embd=n_embd))
     with torch.no_grad():  # a less uniform start: non-trivial log-probs and rewards
         model.lm_head.weight.mul_(20.0)
     model.save_pretrained(path)
@@ -70,12 +77,12 @@ def env() -> dict:
     return e
 
 
-def run_trainer(args: list[str], timeout: int = 120, nproc: int = 0) -> subprocess.CompletedProcess:
+def run_trainer(args: list[str], timeout: int = 120, nproc: int = 0, entry: tuple[str, ...] = ("-m", "train.run")) -> subprocess.CompletedProcess:
+    """``entry`` (the trainer module, or a script such as this file) with ``args``; under torchrun when ``nproc``."""
     if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "train.run", *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *entry, *args]
     else:
-        cmd = [sys.executable, "-m", "train.run", *args]
+        cmd = [sys.executable, *entry, *args]
     return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -83,6 +90,20 @@ def cfg_for(model_dir: Path, out: Path, *extra: str):
     from train.config import parse_args
 
     return parse_args(tiny_args(model_dir, out, *extra))
+
+
+def experience(m, cfg, d, prompts: list[str], kl=None, **rollout_kw):
+    """rollout -> score -> make_experience -> compute_advantages on ``prompts``; ``kl`` defaults to the
+    config's controller; ``rollout_kw`` go to rollout (greedy, sampling_logprobs)."""
+    from train import run as R
+
+    if kl is None:
+        kl = R.KLController(cfg.kl_init, cfg.kl_target, cfg.kl_horizon)
+    b = R.rollout(m, prompts, cfg, d, **rollout_kw)
+    R.score(m, b, d, print)
+    R.make_experience(m, b, cfg, kl, b.scores)
+    R.compute_advantages(b, cfg, d)
+    return b
 
 
 def one_update(model_dir: str, out_file: str) -> None:
@@ -103,10 +124,7 @@ def one_update(model_dir: str, out_file: str) -> None:
     opt = torch.optim.SGD(params, lr=cfg.lr, foreach=False)
     prompts = R.load_prompts(cfg.dataset, "train", "prompt")[:8]
     per = 8 // d.world
-    b = R.rollout(m, prompts[d.rank * per : (d.rank + 1) * per], cfg, d, greedy=True)
-    R.score(m, b, d, print)
-    R.make_experience(m, b, cfg, R.KLController(0.05, 6, 10000), b.scores)
-    R.compute_advantages(b, cfg, d)
+    b = experience(m, cfg, d, prompts[d.rank * per : (d.rank + 1) * per], R.KLController(0.05, 6, 10000), greedy=True)
     R.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(0))
     full = {}
     for name, mod in (("policy", m.policy), ("critic", m.critic)):
@@ -131,11 +149,11 @@ def make_tiny_seqcls_reward(path: Path, seed: int = 1) -> Path:
     """A random tiny GPTJForSequenceClassification reward model (num_labels=1) with the offline tokenizer."""
     from transformers import GPTJForSequenceClassification
 
-    from train.offline import build_tokenizer, tiny_gptj_config
+    from train.offline import build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(seed)
-    cfg = tiny_gptj_config(tok, n_layer=1, n_embd=32, n_head=2, rotary_dim=8)
+    cfg = tiny_config(tok, n_layer=1)
     cfg.num_labels = 1
     GPTJForSequenceClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)
