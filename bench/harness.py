@@ -44,7 +44,7 @@ def run_case(benchmark, op: str, impl: str, shape: dict) -> None:
         case.step()  # warm-up (compiles under torch.compile)
     except Exception as e:  # noqa: BLE001 - a baseline that cannot run here is skipped, with why
         case.reset()
-        if impl in ("compile", "liger", "linear_cross_entropy") or impl.startswith("apa_fast"):
+        if impl in cases.SKIP_ON_FAILURE:
             pytest.skip(f"{impl} failed here: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         raise
     first = time.perf_counter() - t0
@@ -65,9 +65,13 @@ def run_case(benchmark, op: str, impl: str, shape: dict) -> None:
         tokens=case.tokens, bytes_moved=case.bytes_moved, input_bytes=case.input_bytes,
         result_bytes=case.result_bytes, **{f"shape_{k}": v for k, v in shape.items()},
     )
+    if MEASURE_MEMORY and DEVICE == "cuda":  # on the case already built and warmed up
+        mem = memory.measure_case(case, DEVICE)
+        case.reset()
+        info.update({f"mem_{k}": v for k, v in mem.items()})
     del case
     gc.collect()
-    if MEASURE_MEMORY:
+    if MEASURE_MEMORY and DEVICE != "cuda":  # peak RSS needs a process of its own
         mem = memory.measure(op, impl, shape, DEVICE, warmup=est < 3.0)
         info.update({f"mem_{k}": v for k, v in mem.items()})
     benchmark.extra_info.update(info)

@@ -129,5 +129,4 @@ def bounds(device: str) -> dict:
         out["exp_Gelem_per_s_1thread"] = c.numel() * reps / 1e9 / _median(lambda: [torch.exp(c, out=cb) for _ in range(reps)])
     finally:
         torch.set_num_threads(nt)
-    del a, b
     return out

@@ -1,7 +1,8 @@
 """Peak extra memory of one case.
 
-CUDA: in process, ``torch.cuda.max_memory_allocated`` during one step, minus what was allocated
-before it (the inputs), minus the result the step returns (the gradient, or the outputs).
+CUDA: in process, on the case the harness has just timed (``measure_case``; already warmed up):
+``torch.cuda.max_memory_allocated`` during one step, minus what was allocated before it (the
+inputs), minus the result the step returns (the gradient, or the outputs).
 
 CPU: in a separate process running just that case (``python -m bench.memory '<json>'``): it builds
 the inputs, runs one warm-up step (so lazy initialisation and ``torch.compile`` are not counted;
@@ -40,13 +41,8 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure_here(op: str, impl: str, shape: dict, device: str, warmup: bool = True) -> dict:
-    from . import cases
-
-    case = cases.build(op, impl, shape, device)
-    if warmup or impl == "compile":
-        case.step()  # warm-up: lazy init, compilation, allocator pools
-        case.reset()
+def measure_case(case, device: str) -> dict:
+    """Peak extra memory of one step of ``case``, already built, warmed up and reset (its result dropped)."""
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -73,15 +69,24 @@ def measure_here(op: str, impl: str, shape: dict, device: str, warmup: bool = Tr
     )
 
 
+def measure_here(op: str, impl: str, shape: dict, device: str, warmup: bool = True) -> dict:
+    """Build the case in this process, warm it up (always under torch.compile), measure one step."""
+    from . import cases
+
+    case = cases.build(op, impl, shape, device)
+    if warmup or impl == "compile":
+        case.step()  # warm-up: lazy init, compilation, allocator pools
+        case.reset()
+    return measure_case(case, device)
+
+
 def measure(op: str, impl: str, shape: dict, device: str, warmup: bool = True, timeout: float = 900) -> dict:
-    """Measure in a fresh process on CPU (peak RSS needs one), in this one on CUDA."""
-    if device == "cuda":
-        return measure_here(op, impl, shape, device)
+    """Measure in a fresh process (what CPU needs: peak RSS is per process). On CUDA the harness
+    calls ``measure_case`` on the case it has already built and timed."""
     spec = json.dumps(dict(op=op, impl=impl, shape=shape, device=device, warmup=warmup))
-    env = dict(os.environ)
     p = subprocess.run(
         [sys.executable, "-m", "bench.memory", spec],
-        capture_output=True, text=True, timeout=timeout, env=env,
+        capture_output=True, text=True, timeout=timeout,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]

@@ -20,11 +20,13 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import NamedTuple
+
+from .cases import shape_label
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
-SUITES = ["bench_logprobs.py", "bench_apa_loss.py", "bench_gae.py", "bench_linear_apa_loss.py"]
 BASELINE = {"logprobs": "eager", "apa_loss": "eager", "gae": "loop[verl]", "linear_apa_loss": "eager"}
 
 
@@ -38,27 +40,34 @@ def _fmt_t(s: float) -> str:
     return f"{s * 1e3:,.2f}" if s < 10 else f"{s:,.1f} s"
 
 
-def _shape_str(e: dict) -> str:
-    if "shape_B" in e:
-        return f"B={e['shape_B']} x T={e['shape_T']}"
-    s = f"N={e['shape_N']}"
-    if "shape_H" in e:
-        s += f", H={e['shape_H']}"
-    return s + f", V={e['shape_V']:,}, {e['shape_dtype']}, {e['shape_mode']}"
+def _times(sep: str, *secs: float) -> str:
+    """Times for a target's text: "1.59 vs 34.16 ms" when all are under 10 s, else each with its unit."""
+    if all(s < 10 for s in secs):
+        return sep.join(_fmt_t(s) for s in secs) + " ms"
+    return sep.join(_fmt_t(s) if s >= 10 else f"{_fmt_t(s)} ms" for s in secs)
 
 
 def rows_from(raw: dict) -> list[dict]:
+    """One row per case measured, with its bandwidth (GB/s, and the fraction of the device's peak on
+    CUDA or of the measured copy bandwidth on CPU) where the op moves a known number of bytes."""
+    dev, bd = raw["machine"]["device"], raw["bounds"]
+    ref = bd.get("peak_GBps") if dev == "cuda" else bd.get("copy_GBps")
     rows = []
     for b in raw["benchmarks"]:
         e = b["extra_info"]
         if "op" not in e:
             continue
         st = b["stats"]
+        shape = {k[len("shape_"):]: v for k, v in e.items() if k.startswith("shape_")}
+        gbs = bw_frac = None
+        if e.get("bytes_moved") and e["op"] != "gae":
+            gbs = e["bytes_moved"] / st["median"] / 1e9
+            bw_frac = gbs / ref if ref else None
         rows.append(dict(
-            op=e["op"], impl=e["impl"], shape=_shape_str(e), median=st["median"], min=st["min"],
+            op=e["op"], impl=e["impl"], shape=shape_label(shape), median=st["median"], min=st["min"],
             rounds=st["rounds"], extra=e.get("mem_extra_bytes"), mem_error=e.get("mem_error"),
             result_bytes=e.get("result_bytes"), input_bytes=e.get("input_bytes"),
-            bytes_moved=e.get("bytes_moved"), tokens=e.get("tokens"),
+            bytes_moved=e.get("bytes_moved"), tokens=e.get("tokens"), gbs=gbs, bw_frac=bw_frac,
         ))
     return rows
 
@@ -70,53 +79,59 @@ def _groups(rows):
     return out
 
 
+class _Ratio(NamedTuple):
+    value: float  # a's field over b's (the medians, unless told)
+    a: dict
+    b: dict
+
+    @property
+    def by_min(self) -> float:
+        return self.a["min"] / self.b["min"]
+
+
+def _ratio(groups, key, a: str, b: str, field: str = "median") -> _Ratio | None:
+    """Impl ``a``'s ``field`` over impl ``b``'s in the group ``key`` = (op, shape label); None when
+    either is missing (or b's value is 0 or None, a's None)."""
+    d = {r["impl"]: r for r in groups.get(key, ())}
+    if a not in d or b not in d or d[a][field] is None or not d[b][field]:
+        return None
+    return _Ratio(d[a][field] / d[b][field], d[a], d[b])
+
+
+APA_GPU = ("apa_loss", shape_label(dict(N=16384, V=128256, dtype="bf16", mode="fwd+bwd")))
+APA_CPU = ("apa_loss", shape_label(dict(N=4096, V=50400, dtype="fp32", mode="fwd+bwd")))
+GAE_CPU = ("gae", shape_label(dict(B=256, T=1024)))
+
+
 def targets(rows, device: str) -> list[tuple[str, str, bool | None]]:
-    """The issue's CPU targets, as (what, measured, met)."""
+    """The issue's targets, as (what, measured, met)."""
     g = _groups(rows)
     res = []
     if device != "cpu":
-        key = ("apa_loss", "N=16384, V=128,256, bf16, fwd+bwd")
-        if key in g:
-            d = {r["impl"]: r for r in g[key]}
-            t = d.get("apa_fast[triton]")
-            if t and "eager" in d:
-                res.append(("Triton APA fwd+bwd >= 3x eager", f"{d['eager']['median'] / t['median']:.2f}x",
-                            d["eager"]["median"] / t["median"] >= 3))
-            if t and "liger" in d:
-                res.append(("Triton faster than Liger CE", f"{d['liger']['median'] / t['median']:.2f}x",
-                            t["median"] < d["liger"]["median"]))
-            if t and t.get("bw_frac") is not None:
-                res.append(("Triton >= 80% of peak bandwidth", f"{100 * t['bw_frac']:.0f}%", t["bw_frac"] >= 0.8))
+        if r := _ratio(g, APA_GPU, "eager", "apa_fast[triton]"):
+            res.append(("Triton APA fwd+bwd >= 3x eager", f"{r.value:.2f}x", r.value >= 3))
+        if r := _ratio(g, APA_GPU, "liger", "apa_fast[triton]"):
+            res.append(("Triton faster than Liger CE", f"{r.value:.2f}x", r.b["median"] < r.a["median"]))
+        t = {r["impl"]: r for r in g.get(APA_GPU, ())}.get("apa_fast[triton]")
+        if t and t.get("bw_frac") is not None:
+            res.append(("Triton >= 80% of peak bandwidth", f"{100 * t['bw_frac']:.0f}%", t["bw_frac"] >= 0.8))
         return res
-    key = ("apa_loss", "N=4096, V=50,400, fp32, fwd+bwd")
-    if key in g:
-        d = {r["impl"]: r for r in g[key]}
-        if "apa_fast[torch]" in d and "eager" in d:
-            t, e = d["apa_fast[torch]"], d["eager"]
-            ratio = t["median"] / e["median"]
-            res.append(("APA fwd+bwd time, torch / eager <= 0.5",
-                        f"{ratio:.3f} (median {_fmt_t(t['median'])} / {_fmt_t(e['median'])} ms; "
-                        f"by min {t['min'] / e['min']:.3f})", ratio <= 0.5))
-            if t["extra"] is not None and e["extra"]:
-                mr = t["extra"] / e["extra"]
-                res.append(("extra memory beyond the logits gradient, torch / eager <= 5%",
-                            f"{100 * mr:.3f}% ({_mib(t['extra'])} / {_mib(e['extra'])} MiB)", mr <= 0.05))
-    key = ("gae", "B=256 x T=1024")
-    if key in g:
-        d = {r["impl"]: r for r in g[key]}
-        if "apa_fast[torch]" in d and "loop[verl]" in d:
-            t, l = d["apa_fast[torch]"], d["loop[verl]"]
-            sp = l["median"] / t["median"]
-            res.append(("GAE 256x1024, Python loop / torch >= 20x (public API, input value checks on)",
-                        f"{sp:.1f}x (median {_fmt_t(t['median'])} vs {_fmt_t(l['median'])} ms; by min "
-                        f"{l['min'] / t['min']:.1f}x; vs the trlx loop {d.get('loop[trlx]', l)['median'] / t['median']:.1f}x)",
-                        sp >= 20))
-            nc = d.get("apa_fast[torch]-nocheck")
-            if nc:
-                sp2 = l["median"] / nc["median"]
-                res.append(("GAE 256x1024, Python loop / torch >= 20x (APA_FAST_SKIP_VALUE_CHECKS=1)",
-                            f"{sp2:.1f}x (median {_fmt_t(nc['median'])} vs {_fmt_t(l['median'])} ms; by min "
-                            f"{l['min'] / nc['min']:.1f}x)", sp2 >= 20))
+    if r := _ratio(g, APA_CPU, "apa_fast[torch]", "eager"):
+        res.append(("APA fwd+bwd time, torch / eager <= 0.5",
+                    f"{r.value:.3f} (median {_times(' / ', r.a['median'], r.b['median'])}; by min {r.by_min:.3f})",
+                    r.value <= 0.5))
+    if r := _ratio(g, APA_CPU, "apa_fast[torch]", "eager", field="extra"):
+        res.append(("extra memory beyond the logits gradient, torch / eager <= 5%",
+                    f"{100 * r.value:.3f}% ({_mib(r.a['extra'])} / {_mib(r.b['extra'])} MiB)", r.value <= 0.05))
+    if r := _ratio(g, GAE_CPU, "loop[verl]", "apa_fast[torch]"):
+        trlx = _ratio(g, GAE_CPU, "loop[trlx]", "apa_fast[torch]") or r
+        res.append(("GAE 256x1024, Python loop / torch >= 20x (public API, input value checks on)",
+                    f"{r.value:.1f}x (median {_times(' vs ', r.b['median'], r.a['median'])}; by min "
+                    f"{r.by_min:.1f}x; vs the trlx loop {trlx.value:.1f}x)", r.value >= 20))
+        if r := _ratio(g, GAE_CPU, "loop[verl]", "apa_fast[torch]-nocheck"):
+            res.append(("GAE 256x1024, Python loop / torch >= 20x (APA_FAST_SKIP_VALUE_CHECKS=1)",
+                        f"{r.value:.1f}x (median {_times(' vs ', r.b['median'], r.a['median'])}; by min "
+                        f"{r.by_min:.1f}x)", r.value >= 20))
     return res
 
 
@@ -153,11 +168,8 @@ def markdown(raw: dict, rows, cmd: str) -> str:
             rel = f"{base['median'] / r['median']:.2f}x" if base else ""
             mem = _mib(r["extra"]) if r["mem_error"] is None else "error"
             bw = ""
-            if r["bytes_moved"] and op != "gae":
-                gbs = r["bytes_moved"] / r["median"] / 1e9
-                ref = bd.get("peak_GBps") if dev == "cuda" else bd.get("copy_GBps")
-                r["bw_frac"] = gbs / ref if ref else None
-                bw = f"{gbs:,.1f}" + (f" ({100 * r['bw_frac']:.0f}%)" if ref else "")
+            if r["gbs"] is not None:
+                bw = f"{r['gbs']:,.1f}" + (f" ({100 * r['bw_frac']:.0f}%)" if r["bw_frac"] is not None else "")
             lines.append(f"| {op} | {shape} | {r['impl']} | {_fmt_t(r['median'])} | {_fmt_t(r['min'])} | {rel} | {mem} | {bw} |")
     if raw.get("skipped"):
         lines += ["", "Skipped here: " + "; ".join(sorted(set(raw["skipped"]))) + "."]
@@ -246,7 +258,7 @@ def main(argv=None) -> int:
     suites = [os.path.join("bench", f"bench_{op}.py") for op in a.ops.split(",")]
     raw_path = base + ".pytest.json"
     pcmd = [sys.executable, "-m", "pytest", *suites, "-o", "python_files=bench_*.py", "-o", "testpaths=bench",
-            "-v", "-rs", "-p", "no:cacheprovider", f"--benchmark-json={raw_path}", "--benchmark-sort=name",
+            "-v", "-rs", f"--benchmark-json={raw_path}", "--benchmark-sort=name",
             "--benchmark-columns=min,median,rounds"]
     print("[bench] " + " ".join(pcmd), flush=True)
     proc = subprocess.Popen(pcmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -93,11 +93,12 @@ def offline_task_flags(model_dir: str) -> list[str]:
     from train import config, offline
 
     p = config.PRESETS["offline"]
+    # not passed: the run length and checkpoint/eval cadence (the benchmark sets its own), the dataset
+    # (replaced by its jsonl file) and the reward model (passed first, as its own flag)
+    skip = {"steps", "save_every", "eval_every", "dataset", "reward_model"}
     return ["--model", model_dir, "--reward-model", p["reward_model"],
             "--dataset", str(offline.DATA_DIR / "arith_prompts.jsonl"),
-            *[f"--{k.replace('_', '-')}={p[k]}" for k in ("batch_size", "minibatch_size", "epochs", "lr", "lam",
-                                                          "reward_scale", "max_new_tokens", "max_prompt_len",
-                                                          "unfrozen_layers", "threads")]]
+            *[f"--{k.replace('_', '-')}={v}" for k, v in p.items() if k not in skip]]
 
 
 def table(device: str, steps: int, extra: list[str], label: str) -> list[str]:
