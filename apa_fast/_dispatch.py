@@ -1,10 +1,14 @@
-"""Backend resolution: ``"auto" | "triton" | "torch" | "reference"``."""
+"""Backend choice, ``"auto" | "triton" | "torch" | "reference"``, and the functions each backend runs.
+
+Explicit imports per backend (Triton is imported only when asked for: the interpreter flag must be set
+before its first import, and CPU runs never need it).
+"""
 
 from __future__ import annotations
 
-import importlib
 import os
-from types import ModuleType
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -14,13 +18,9 @@ BACKENDS = ("auto", "triton", "torch", "reference")
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
-    except Exception:
+    except Exception:  # noqa: BLE001
         return False
     return True
-
-
-def interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve(backend: str, device: torch.device) -> str:
@@ -32,9 +32,7 @@ def resolve(backend: str, device: torch.device) -> str:
     if backend == "triton":
         if not triton_available():
             raise ValueError("backend='triton' needs the triton package: pip install triton")
-        if device.type == "cuda":
-            return "triton"
-        if device.type == "cpu" and interpreter_on():
+        if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
             return "triton"
         raise ValueError(
             f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
@@ -43,10 +41,46 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
-def module(name: str, family: str) -> ModuleType:
-    """The module implementing ``family`` (e.g. "logprobs", "gae") for a resolved backend."""
-    if name == "triton":
-        return importlib.import_module(f"kernels.{family}")
+@dataclass(frozen=True)
+class Ops:
+    """One backend's log-prob primitives. ``loss_fwd`` (None: not offered) forms a ``TokenLoss``'s input
+    gradient in the forward pass; without it the loss is composed on ``fwd`` and ``bwd`` recomputes."""
+
+    fwd: Callable
+    bwd: Callable
+    loss_fwd: Callable | None = None
+    fwd_dh: Callable | None = None  # linear only: dlogp/dh in the forward (a frozen LM head)
+
+
+def logits_ops(name: str) -> Ops:
     if name == "torch":
-        return importlib.import_module(f"apa_fast._torch_{family}")
-    raise ValueError(f"no module for backend {name!r}")
+        from . import _torch_logprobs as t
+
+        return Ops(t.logprobs_fwd, t.logprobs_bwd, t.loss_fwd)
+    if name == "triton":
+        from kernels import logprobs as k
+
+        return Ops(k.logprobs_fwd, k.logprobs_bwd)
+    raise ValueError(f"no logits ops for backend {name!r}")
+
+
+def linear_ops(name: str) -> Ops:
+    if name == "torch":
+        from . import _torch_linear as t
+
+        return Ops(t.token_fwd, t.token_bwd, t.loss_fwd, t.token_fwd_dh)
+    if name == "triton":
+        from kernels import linear as k
+
+        return Ops(k.token_fwd, k.token_bwd)
+    raise ValueError(f"no linear ops for backend {name!r}")
+
+
+def gae_fn(name: str) -> Callable:
+    if name == "torch":
+        from ._torch_gae import gae_fwd
+    elif name == "triton":
+        from kernels.gae import gae_fwd
+    else:
+        raise ValueError(f"no GAE for backend {name!r}")
+    return gae_fwd

@@ -1,110 +1,93 @@
-"""The ``torch`` backend of the linear ops: log-probs / APA loss from hidden states and the LM head.
+"""The ``torch`` backend from hidden states and the LM head: the logits exist one chunk of rows at a time.
 
-Per token ``i`` (a row of ``hidden``, label ``y``) and vocabulary entry ``v``:
+Per chunk of token rows: ``u = (h W^T + b) / tau`` into an fp32 (fp64) scratch, then the row math of
+``_torch_logprobs`` (log-probs, entropy, ``dz = du / tau``), then ``grad_h[chunk] = dz @ W`` and
+``grad_W += dz^T @ h``, ``grad_b += sum dz``. A chunk spans the whole vocabulary (``dz`` needs the row's
+full softmax), so its row count bounds memory: never more than ``MAX_CHUNK_BYTES`` of logits.
 
-    z_iv = h_i . W_v + b_v          u = z / tau          lse_i = logsumexp_v u_iv
-    logp_i = u_iy - lse_i           H_i = lse_i - sum_v p_iv u_iv,   p = exp(u - lse)
+``loss_fwd`` forms the gradients in the forward pass (three matmuls in all: logits, grad_h, grad_W);
+``token_fwd``/``token_bwd`` serve any upstream gradient by recomputing each chunk from the saved lse.
+Low-precision chunks are multiplied in the input dtype (as eager ``F.linear``), widened before the
+softmax; ``grad_W``/``grad_b`` accumulate in fp32 and are cast to the weight's dtype once.
 
-and for an upstream gradient ``g_logp`` (and ``g_ent``) per token:
-
-    du_iv = g_logp_i * (onehot_iv - p_iv) - g_ent_i * p_iv * (u_iv - lse_i + H_i)
-    dz = du / tau;   grad_h = dz @ W;   grad_W = dz^T @ h;   grad_b = sum_i dz_i
-
-Only a chunk of ``rows x V`` logits exists at any time (an fp32 scratch buffer reused for every
-chunk), never the (N, V) logits. A chunk spans the whole vocabulary on purpose: ``dz`` needs the
-row's full softmax, so vocab-splitting a token chunk would force a second logits matmul; the chunk's
-row count (``rows_per_chunk``) is what bounds memory instead, and it never exceeds
-``MAX_CHUNK_BYTES`` of logits however large V is. The work is exactly the three matmuls any method needs
-(logits, grad_h, grad_W) plus a few elementwise passes over each chunk:
-
-- ``apa_fwd`` (the scalar APA loss) computes the gradients *during the forward pass*: a row of
-  logits is all it needs to know ``p`` and the row's loss coefficient ``c = 2 * resid / n``, so the
-  chunk goes logits -> softmax -> dz -> ``grad_h[chunk] = dz @ W`` and ``grad_W += dz^T @ h`` with no
-  recompute. Backward only rescales by the upstream gradient (skipped when it is 1).
-- ``token_fwd``/``token_bwd`` (vector upstream gradient, unknown in forward) save the per-row
-  ``lse`` and recompute each logits chunk in backward: four matmuls instead of three, but no
-  (N, V) tensor is kept between forward and backward.
-
-``grad_W`` (and ``grad_b``) are accumulated in fp32 (float64 for float64 input) whatever the input
-dtype, and cast to the weight's dtype once at the end. Low-precision (bf16/fp16) logits chunks are
-computed by a matmul in the input dtype (as eager ``F.linear`` would), then widened to fp32 before
-the softmax; ``dz`` is formed in fp32 and used in fp32 for ``grad_W``.
-
-Interface shared with ``kernels.linear`` (the Triton backend); ``apa_fast.linear`` holds the autograd
-Functions. ``h`` is (N, H) contiguous, ``labels`` (N,) int64 with every row valid (the caller drops
-ignored/masked rows before calling), ``bias`` (V,) or None.
+``h`` is (N, H) contiguous, ``labels`` (N,) int64 with every row valid (``apa_fast.linear`` drops
+masked rows first), ``bias`` (V,) or None, ``need`` = which of (hidden, weight, bias) want a gradient.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from ._checks import out_dtype as _acc_dtype  # fp64 stays fp64, the rest accumulate in fp32
+from ._checks import out_dtype as acc_dtype
+from ._torch_logprobs import Scratch, entropy_grad_rows, logp_from_p, logp_rows, loss_grad_rows, softmax_grad_rows
 
-# Rows per token chunk: an eighth of the tokens (so the chunk's fp32 logits stay ~5% of eager's
-# logits + log-softmax + gradient, about 2.4 N V floats), at least ROW_MIN rows (below that the
-# grad_W update, whose inner dimension is the chunk's rows, re-reads and re-writes all of grad_W
-# too often: each chunk streams V x H fp32 through memory) and at most MAX_CHUNK_BYTES of logits.
+if TYPE_CHECKING:
+    from .losses import TokenLoss
+
+# Rows per chunk: an eighth of the tokens, at least ROW_MIN (fewer rows re-stream all of grad_W too
+# often) and at most MAX_CHUNK_BYTES of fp32 logits, rounded to a multiple of 16 (aligned panels).
 ROW_MIN = 64
 MAX_CHUNK_BYTES = 64 << 20
-# Row counts are rounded to a multiple of this, which keeps the matmul's panels aligned.
-_ROW_ALIGN = 16
 
 
 def rows_per_chunk(N: int, V: int, itemsize: int = 4) -> int:
     rows = min(max(ROW_MIN, N // 8), max(1, MAX_CHUNK_BYTES // max(1, V * itemsize)))
-    if rows >= 2 * _ROW_ALIGN:
-        rows -= rows % _ROW_ALIGN
+    if rows >= 32:
+        rows -= rows % 16
     return max(1, min(N, rows))
 
 
-class _Scratch:
-    """The per-call chunk buffers: fp32 logits (and a low-precision staging buffer when needed)."""
+class _Chunks:
+    """Row chunks of ``h`` and their logits, in reused scratch buffers."""
 
-    def __init__(self, h: Tensor, weight: Tensor, rows: int, second: bool) -> None:
-        V = weight.shape[0]
-        self.acc = _acc_dtype(h)
-        self.z = torch.empty(rows, V, dtype=self.acc, device=h.device)
-        self.z2 = torch.empty(rows, V, dtype=self.acc, device=h.device) if second else None
-        self.lowp = None if h.dtype == self.acc else torch.empty(rows, V, dtype=h.dtype, device=h.device)
+    def __init__(self, h: Tensor, weight: Tensor, bias: Tensor | None, tau: float):
+        N, V = h.shape[0], weight.shape[0]
+        self.h, self.weight, self.bias, self.tau = h, weight, bias, tau
+        self.acc = acc_dtype(h)
+        self.rows = rows_per_chunk(N, V)
+        self.scratch = Scratch(self.rows, V, self.acc, h.device)
+        self.lowp = None if h.dtype == self.acc else Scratch(self.rows, V, h.dtype, h.device)
+
+    def __iter__(self):
+        N = self.h.shape[0]
+        for r0 in range(0, N, self.rows):
+            yield slice(r0, min(N, r0 + self.rows))
+
+    def logits(self, rows: slice | Tensor, into: Tensor | None = None) -> Tensor:
+        """u = (h[rows] W^T + b) / tau in the accumulation dtype (scratch 0 unless ``into``)."""
+        h = self.h[rows]
+        r = h.shape[0]
+        u = self.scratch(0, r) if into is None else into
+        dst = u if self.lowp is None else self.lowp(0, r)
+        if self.bias is None:
+            torch.mm(h, self.weight.t(), out=dst)
+        else:
+            torch.addmm(self.bias, h, self.weight.t(), out=dst)
+        if self.lowp is not None:
+            u.copy_(dst)
+        return u.mul_(1.0 / self.tau) if self.tau != 1.0 else u
+
+    def out(self, u: Tensor) -> Tensor:
+        """Where a row-wise (log_)softmax of the scratch u may write: over u itself on CPU, else scratch 1."""
+        return u if u.device.type == "cpu" else self.scratch(1, u.shape[0])
+
+    def u_again(self, sl: slice):
+        """Recompute some rows of chunk ``sl`` (for ``logp_from_p``)."""
+        return lambda rows: self.logits(torch.arange(sl.start, sl.stop, device=self.h.device)[rows],
+                                        into=torch.empty(len(rows), self.weight.shape[0], dtype=self.acc, device=self.h.device))
 
 
-def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, sc: _Scratch, tau: float) -> Tensor:
-    """u = (h @ W^T + b) / tau for one token chunk, in the fp32 (float64) scratch."""
-    r = h.shape[0]
-    z = sc.z[:r]
-    dst = z if sc.lowp is None else sc.lowp[:r]
-    if bias is None:
-        torch.mm(h, weight.t(), out=dst)
-    else:
-        torch.addmm(bias, h, weight.t(), out=dst)
-    if sc.lowp is not None:
-        z.copy_(dst)
-    if tau != 1.0:
-        z.mul_(1.0 / tau)
-    return z
-
-
-def _accumulate(
-    dz: Tensor,
-    h: Tensor,
-    weight: Tensor,
-    r0: int,
-    gh: Tensor | None,
-    gw: Tensor | None,
-    gb: Tensor | None,
-) -> None:
+def _accumulate(dz: Tensor, h: Tensor, weight: Tensor, sl: slice, gh: Tensor | None, gw: Tensor | None,
+                gb: Tensor | None) -> None:
     """grad_h[chunk] = dz @ W (in h's dtype);  grad_W += dz^T @ h and grad_b += sum dz (fp32)."""
-    r = dz.shape[0]
-    if gh is not None:
-        if dz.dtype == weight.dtype:
-            torch.mm(dz, weight, out=gh[r0 : r0 + r])
-        else:  # one rounding of dz to the weight dtype, as eager's backward does
-            torch.mm(dz.to(weight.dtype), weight, out=gh[r0 : r0 + r])
+    if gh is not None:  # one rounding of dz to the weight dtype, as eager's backward does
+        torch.mm(dz if dz.dtype == weight.dtype else dz.to(weight.dtype), weight, out=gh[sl])
     if gw is not None:
-        hh = h if h.dtype == dz.dtype else h.to(dz.dtype)
-        if r0 == 0:  # the first chunk writes grad_W: no zero-fill pass over V x H beforehand
+        hh = h[sl] if h.dtype == dz.dtype else h[sl].to(dz.dtype)
+        if sl.start == 0:  # the first chunk writes grad_W: no zero-fill pass over V x H beforehand
             torch.mm(dz.t(), hh, out=gw)
         else:
             gw.addmm_(dz.t(), hh)
@@ -112,10 +95,8 @@ def _accumulate(
         gb.add_(dz.sum(0))
 
 
-def _grad_buffers(
-    h: Tensor, weight: Tensor, bias: Tensor | None, need: tuple[bool, bool, bool]
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    acc = _acc_dtype(h)
+def _grad_buffers(h: Tensor, weight: Tensor, bias: Tensor | None, need: tuple[bool, bool, bool]):
+    acc = acc_dtype(h)
     gh = torch.empty_like(h) if need[0] else None
     # empty, not zeros: the first chunk's matmul writes it (and N = 0 rows means no chunk at all)
     gw = (torch.empty if h.shape[0] > 0 else torch.zeros)(weight.shape, dtype=acc, device=h.device) if need[1] else None
@@ -123,9 +104,7 @@ def _grad_buffers(
     return gh, gw, gb
 
 
-def _finish(
-    gh: Tensor | None, gw: Tensor | None, gb: Tensor | None, weight: Tensor, bias: Tensor | None
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def _finish(gh, gw, gb, weight: Tensor, bias: Tensor | None):
     if gw is not None and gw.dtype != weight.dtype:
         gw = gw.to(weight.dtype)
     if gb is not None and bias is not None and gb.dtype != bias.dtype:
@@ -133,149 +112,81 @@ def _finish(
     return gh, gw, gb
 
 
-def _chunk_exp(
-    h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, sc: _Scratch, tau: float, r0: int, r1: int,
-    lse: Tensor, e_out: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Rows [r0, r1): u = h W^T / tau (+ b), t = u - max u (exp(t) <= 1: no overflow), e = exp(t),
-    s = sum e; writes lse. e overwrites t in the scratch unless ``e_out`` is given (entropy needs both).
-
-    Returns (labels as a column, u at the labels, t, e, s)."""
-    y = labels[r0:r1].unsqueeze(1)
-    u = _logits(h[r0:r1], weight, bias, sc, tau)
-    uy = u.gather(1, y).squeeze(1)
-    m = u.amax(1, keepdim=True)
-    t = u.sub_(m)
-    e = t.exp_() if e_out is None else torch.exp(t, out=e_out)
-    s = e.sum(1)
-    lse[r0:r1] = m.squeeze(1) + s.log()
-    return y, uy, t, e, s
-
-
-def token_fwd(
-    h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tau: float, return_entropy: bool
-) -> tuple[Tensor, Tensor, Tensor | None]:
+def token_fwd(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tau: float,
+              return_entropy: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """(logp, lse, entropy | None) per row; lse is of u = z / tau."""
-    N, V = h.shape[0], weight.shape[0]
-    acc = _acc_dtype(h)
-    logp = torch.empty(N, dtype=acc, device=h.device)
-    lse = torch.empty(N, dtype=acc, device=h.device)
-    ent = torch.empty(N, dtype=acc, device=h.device) if return_entropy else None
-    rows = rows_per_chunk(N, V)
-    sc = _Scratch(h, weight, rows, second=return_entropy)
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        e_out = sc.z2[: r1 - r0] if return_entropy else None
-        _, uy, t, e, s = _chunk_exp(h, weight, bias, labels, sc, tau, r0, r1, lse, e_out)
+    N = h.shape[0]
+    ch = _Chunks(h, weight, bias, tau)
+    logp = torch.empty(N, dtype=ch.acc, device=h.device)
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp) if return_entropy else None
+    for sl in ch:
+        u = ch.logits(sl)
+        spare = ch.scratch(2, u.shape[0]) if return_entropy else None
+        lp, ls, e = logp_rows(u, labels[sl].unsqueeze(1), ch.out(u), spare)
+        logp[sl], lse[sl] = lp, ls
         if return_entropy:
-            # H = lse - E_p[u] = log s - E_p[t]  (shifted, so no cancellation of large logits)
-            ent[r0:r1] = s.log() - torch.linalg.vecdot(e, t) / s
-        logp[r0:r1] = uy - lse[r0:r1]
+            ent[sl] = e
     return logp, lse, ent
 
 
-def token_fwd_dh(
-    h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tau: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(logp, lse, D) with D_i = dlogp_i/dh_i = (W_y - sum_v p_iv W_v) / tau, for fp32/fp64 input.
+def token_fwd_dh(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tau: float) -> tuple[Tensor, Tensor]:
+    """(logp, D) with D_i = dlogp_i/dh_i = ((onehot - p) / tau) @ W, for fp32/fp64 input.
 
     For a frozen LM head (only hidden wants a gradient) the hidden gradient of sum_i g_i logp_i is
-    g_i D_i: D costs the one matmul backward would need anyway, with no logits recompute, and
-    backward becomes a row scaling. (grad_W could not be done this way: it needs p and g together.)
-    """
-    N, V = h.shape[0], weight.shape[0]
-    acc = _acc_dtype(h)
-    if h.dtype != acc:
-        raise TypeError("token_fwd_dh needs fp32 or fp64 input (D would be rounded twice otherwise)")
-    logp = torch.empty(N, dtype=acc, device=h.device)
-    lse = torch.empty(N, dtype=acc, device=h.device)
+    g_i D_i: D costs the one matmul backward would need anyway, and backward becomes a row scaling."""
+    N = h.shape[0]
+    ch = _Chunks(h, weight, bias, tau)
+    logp = torch.empty(N, dtype=ch.acc, device=h.device)
     D = torch.empty_like(h)
-    rows = rows_per_chunk(N, V)
-    sc = _Scratch(h, weight, rows, second=False)
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        y, uy, _, e, s = _chunk_exp(h, weight, bias, labels, sc, tau, r0, r1, lse)
-        logp[r0:r1] = uy - lse[r0:r1]
-        # (onehot - p) / tau, then D = that @ W
-        dz = e.mul_((-1.0 / (s * tau)).unsqueeze(1))
-        dz.scatter_add_(1, y, torch.full_like(dz[:, :1], 1.0 / tau))
-        torch.mm(dz, weight, out=D[r0:r1])
-    return logp, lse, D
+    one = torch.full((ch.rows, 1), 1.0 / tau, dtype=ch.acc, device=h.device)
+    for sl in ch:
+        u = ch.logits(sl)
+        idx = labels[sl].unsqueeze(1)
+        uy = u.gather(1, idx).squeeze(1)
+        p = torch.softmax(u, -1, out=ch.out(u))
+        logp[sl] = logp_from_p(p, idx, uy, ch.u_again(sl))
+        torch.mm(softmax_grad_rows(p, idx, one[: u.shape[0]]), weight, out=D[sl])
+    return logp, D
 
 
-def token_bwd(
-    h: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor,
-    lse: Tensor,
-    ent: Tensor | None,
-    g_logp: Tensor | None,
-    g_ent: Tensor | None,
-    tau: float,
-    need: tuple[bool, bool, bool],
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Recompute each logits chunk from the saved lse and form dz (see the module docstring)."""
-    N, V = h.shape[0], weight.shape[0]
-    acc = _acc_dtype(h)
-    g = torch.zeros(N, dtype=acc, device=h.device) if g_logp is None else g_logp.to(acc)
-    ge = None if g_ent is None else g_ent.to(acc)
+def token_bwd(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, lse: Tensor, ent: Tensor | None,
+              g_logp: Tensor | None, g_ent: Tensor | None, tau: float, need: tuple[bool, bool, bool]):
+    """(grad_h, grad_W, grad_b) of sum g_logp*logp + g_ent*H, recomputing each logits chunk from lse."""
+    N = h.shape[0]
+    ch = _Chunks(h, weight, bias, tau)
+    g = torch.zeros(N, dtype=ch.acc, device=h.device) if g_logp is None else g_logp.to(ch.acc)
+    g = g / tau
+    ge = None if g_ent is None else g_ent.to(ch.acc) / tau
     gh, gw, gb = _grad_buffers(h, weight, bias, need)
-    rows = rows_per_chunk(N, V)
-    sc = _Scratch(h, weight, rows, second=ge is not None)
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        y = labels[r0:r1].unsqueeze(1)
-        gr = g[r0:r1].unsqueeze(1)
-        u = _logits(h[r0:r1], weight, bias, sc, tau)
-        t = u.sub_(lse[r0:r1].unsqueeze(1))  # t = u - lse = log p
+    for sl in ch:
+        idx, c = labels[sl].unsqueeze(1), g[sl].unsqueeze(1)
+        t = ch.logits(sl).sub_(lse[sl].unsqueeze(1))  # t = u - lse = log p
         if ge is None:
-            dz = t.exp_().mul_(-gr / tau)  # -g p / tau
+            dz = softmax_grad_rows(t.exp_(), idx, c)
         else:
-            p = torch.exp(t, out=sc.z2[: r1 - r0])
-            # -(g + ge * (t + H)) * p / tau
-            dz = t.add_(ent[r0:r1].unsqueeze(1)).mul_(ge[r0:r1].unsqueeze(1)).add_(gr).mul_(p).mul_(-1.0 / tau)
-        dz.scatter_add_(1, y, gr / tau)
-        _accumulate(dz, h[r0:r1], weight, r0, gh, gw, gb)
+            p = torch.exp(t, out=ch.scratch(2, t.shape[0]))
+            dz = entropy_grad_rows(t, p, idx, c, ge[sl].unsqueeze(1), ent[sl].unsqueeze(1))
+        _accumulate(dz, h, weight, sl, gh, gw, gb)
     return _finish(gh, gw, gb, weight, bias)
 
 
-def apa_fwd(
-    h: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor,
-    target: Tensor,
-    n: int,
-    tau: float,
-    need: tuple[bool, bool, bool],
-) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor | None, Tensor | None, Tensor | None] | None]:
-    """APA loss over rows that are all valid, with its gradients written in the same pass.
-
-    resid = logp - target (target = ref + adv/lam);  L = sum(resid^2) / max(n, 1);
-    c = dL/dlogp = 2 resid / max(n, 1);  dz = c (onehot - p) / tau.
-    Returns (loss, lse, coef, grads) with grads for an upstream gradient of 1 when any is needed.
-    """
-    N, V = h.shape[0], weight.shape[0]
-    acc = _acc_dtype(h)
-    inv_n = 1.0 / max(int(n), 1)
-    lse = torch.empty(N, dtype=acc, device=h.device)
-    resid = torch.empty(N, dtype=acc, device=h.device)
+def loss_fwd(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tau: float, loss: "TokenLoss",
+             need: tuple[bool, bool, bool]):
+    """(L, grads | None) of a ``TokenLoss`` over the rows' log-probs, the gradients (for an upstream
+    gradient of 1) formed chunk by chunk in the same pass: logits -> softmax -> dz -> two matmuls."""
+    ch = _Chunks(h, weight, bias, tau)
+    total = torch.zeros((), dtype=ch.acc, device=h.device)
     want = any(need)
     gh, gw, gb = _grad_buffers(h, weight, bias, need) if want else (None, None, None)
-    rows = rows_per_chunk(N, V)
-    sc = _Scratch(h, weight, rows, second=False)
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        y, uy, _, e, s = _chunk_exp(h, weight, bias, labels, sc, tau, r0, r1, lse)
-        res = uy - lse[r0:r1] - target[r0:r1]
-        resid[r0:r1] = res
-        if want:
-            c = (2.0 * inv_n / tau) * res
-            # dz = c (onehot - e / s) / tau, formed in fp32
-            dz = e.mul_((-c / s).unsqueeze(1))
-            dz.scatter_add_(1, y, c.unsqueeze(1))
-            _accumulate(dz, h[r0:r1], weight, r0, gh, gw, gb)
-    loss = resid.dot(resid) * inv_n
-    grads = _finish(gh, gw, gb, weight, bias) if want else None
-    return loss, lse, 2.0 * inv_n * resid, grads
+    for sl in ch:
+        u = ch.logits(sl)
+        idx = labels[sl].unsqueeze(1)
+        if not want:
+            total += loss.part(logp_rows(u, idx, ch.out(u), None)[0], sl)
+            continue
+        uy = u.gather(1, idx).squeeze(1)
+        p = torch.softmax(u, -1, out=ch.out(u))
+        total += loss_grad_rows(p, idx, uy, ch.u_again(sl), loss, sl, tau)
+        _accumulate(p, h, weight, sl, gh, gw, gb)
+    return total, (_finish(gh, gw, gb, weight, bias) if want else None)

@@ -54,7 +54,7 @@ def gae(
     if rewards.numel() == 0:
         z = torch.zeros(rewards.shape, dtype=C.out_dtype(rewards), device=rewards.device)
         return z, z.clone()
-    return _dispatch.module(name, "gae").gae_fwd(rewards, values, mask, gamma, lam, last_values)
+    return _dispatch.gae_fn(name)(rewards, values, mask, gamma, lam, last_values)
 
 
 def masked_whiten(

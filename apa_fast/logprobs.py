@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import _checks as C
 from . import _dispatch, reference
+from .losses import TokenLoss, apa_token_loss, check_per_token
 
 
 def _as_rows(x: Tensor) -> Tensor:
@@ -33,56 +34,51 @@ def _as_rows(x: Tensor) -> Tensor:
 
 
 class _TokenLogprobs(torch.autograd.Function):
+    """logp (and H) per row; backward recomputes p from the saved lse (any upstream gradient)."""
+
     @staticmethod
-    def forward(ctx, logits, labels, tau, ignore_index, return_entropy, impl):  # type: ignore[override]
-        x3 = _as_rows(logits)
+    def forward(ctx, logits, labels, tau, ignore_index, return_entropy, ops):  # type: ignore[override]
         flat = labels.reshape(-1).long().contiguous()
-        logp, lse, ent = impl.logprobs_fwd(x3, flat, tau, ignore_index, return_entropy)
+        logp, lse, ent = ops.fwd(_as_rows(logits), flat, tau, ignore_index, return_entropy)
         ctx.save_for_backward(logits, flat, lse, ent)
-        ctx.cfg = (tau, ignore_index, impl)
+        ctx.cfg = (tau, ignore_index, ops)
         lead = logits.shape[:-1]
-        logp = logp.view(lead)
-        return (logp, ent.view(lead)) if return_entropy else logp
+        return (logp.view(lead), ent.view(lead)) if return_entropy else logp.view(lead)
 
     @staticmethod
     def backward(ctx, g_logp, g_ent=None):  # type: ignore[override]
         logits, flat, lse, ent = ctx.saved_tensors
-        tau, ignore_index, impl = ctx.cfg
+        tau, ignore_index, ops = ctx.cfg
         if not ctx.needs_input_grad[0]:
             return (None,) * 6
         g_logp = None if g_logp is None else g_logp.reshape(-1).contiguous()
         g_ent = None if g_ent is None else g_ent.reshape(-1).contiguous()
-        grad = impl.logprobs_bwd(_as_rows(logits), flat, lse, ent, g_logp, g_ent, tau, ignore_index)
+        grad = ops.bwd(_as_rows(logits), flat, lse, ent, g_logp, g_ent, tau, ignore_index)
         return grad.view(logits.shape), None, None, None, None, None
 
 
-class _ApaLoss(torch.autograd.Function):
+class _FusedLoss(torch.autograd.Function):
+    """A scalar ``TokenLoss`` of the log-probs whose logits gradient is formed in the forward pass."""
+
     @staticmethod
-    def forward(ctx, logits, labels, ref, adv, n, lam, tau, ignore_index, impl):  # type: ignore[override]
-        need_grad = ctx.needs_input_grad[0]
-        loss, lse, coef, grad = impl.apa_loss_fwd(
-            _as_rows(logits), labels, ref, adv, n, lam, tau, ignore_index, need_grad
-        )
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        else:
-            ctx.save_for_backward(logits, labels, lse, coef)
-        ctx.cfg = (tau, ignore_index, impl, grad is not None)
+    def forward(ctx, logits, labels, tau, loss, ops):  # type: ignore[override]
+        value, grad = ops.loss_fwd(_as_rows(logits), labels, tau, loss, ctx.needs_input_grad[0])
+        ctx.save_for_backward(grad)
         ctx.shape = logits.shape
-        return loss
+        return value
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        tau, ignore_index, impl, precomputed = ctx.cfg
-        if precomputed:
-            (grad,) = ctx.saved_tensors
-            # the gradient was written in forward for an upstream gradient of 1 (loss.backward())
-            if g.device.type != "cpu" or float(g) != 1.0:
-                grad = grad * g.to(grad.dtype)
-            return grad.view(ctx.shape), None, None, None, None, None, None, None, None
-        logits, labels, lse, coef = ctx.saved_tensors
-        grad = impl.logprobs_bwd(_as_rows(logits), labels, lse, None, coef * g, None, tau, ignore_index)
-        return grad.view(logits.shape), None, None, None, None, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        return rescale(grad, g).view(ctx.shape), None, None, None, None
+
+
+def rescale(grad: Tensor | None, g: Tensor) -> Tensor | None:
+    """A gradient formed for an upstream gradient of 1, times the actual one (skipped when it is 1 on CPU,
+    where the test costs no device sync)."""
+    if grad is None or (g.device.type == "cpu" and float(g) == 1.0):
+        return grad
+    return grad * g.to(grad.dtype) if grad.dtype == g.dtype else (grad.to(g.dtype) * g).to(grad.dtype)
 
 
 def token_logprobs(
@@ -111,13 +107,37 @@ def token_logprobs(
     if logits.numel() == 0:
         z = logits.sum(-1).to(C.out_dtype(logits)) * 0.0
         return (z, z.clone()) if return_entropy else z
-    impl = _dispatch.module(name, "logprobs")
-    return _TokenLogprobs.apply(logits, labels, tau, ignore_index, bool(return_entropy), impl)
+    return _TokenLogprobs.apply(logits, labels, tau, ignore_index, bool(return_entropy), _dispatch.logits_ops(name))
 
 
-def _check_per_token(name: str, x: Tensor, logits: Tensor) -> None:
-    C.check_floating(name, x)
-    C.check_shape(name, x, logits.shape[:-1], "the leading dims of logits")
+def token_loss(logits: Tensor, labels: Tensor, loss: TokenLoss, *, temperature: float = 1.0,
+               backend: str = "auto") -> Tensor:
+    """A per-token loss of the log-probs, ``L = sum_i m_i l(logp_i) / n``, straight from logits.
+
+    ``loss`` (``apa_fast.losses``) carries the formula, its per-token tensors and the mask, all shaped like
+    ``labels``. The ``torch`` backend forms the logits gradient in the forward pass, one chunk at a time;
+    ``triton`` and ``reference`` compose ``token_logprobs`` with the loss (backward recomputes). Labels
+    are read only where the mask is 1.
+    """
+    V = C.check_logits_labels(logits, labels)
+    if loss.mask is None or loss.mask.shape != logits.shape[:-1]:
+        raise ValueError(f"loss must carry a mask of shape {tuple(logits.shape[:-1])} (the leading dims of logits)")
+    tau = C.check_positive("temperature", temperature)
+    name = _dispatch.resolve(backend, logits.device)
+    valid = loss.mask
+    C.check_label_range(labels, V, None, valid=valid)
+    acc = C.out_dtype(logits)
+    if name != "torch":  # composed: log-probs, then the loss under autograd
+        masked = torch.where(valid, labels, -100)
+        if name == "reference":
+            lp = reference.token_logprobs(logits, masked, tau)
+        else:
+            lp = _TokenLogprobs.apply(logits, masked, tau, -100, False, _dispatch.logits_ops(name))
+        return loss.cast(lp.dtype)(lp)
+    if logits.numel() == 0:
+        return (logits.sum() * 0.0).to(acc)
+    flat = torch.where(valid, labels, 0).reshape(-1).long().contiguous()
+    return _FusedLoss.apply(logits, flat, tau, loss.flat().cast(acc), _dispatch.logits_ops(name))
 
 
 def apa_loss(
@@ -137,32 +157,12 @@ def apa_loss(
     Returns a float32 scalar (float64 for float64 logits); an all-masked batch gives 0 with zero
     gradient. Values of labels, ``ref_logprobs`` and ``advantages`` at masked positions are unused.
     """
-    V = C.check_logits_labels(logits, labels)
-    _check_per_token("ref_logprobs", ref_logprobs, logits)
-    _check_per_token("advantages", advantages, logits)
+    C.check_logits_labels(logits, labels)
+    check_per_token(logits.shape[:-1], "the leading dims of logits", ref_logprobs=ref_logprobs, advantages=advantages)
     C.check_mask("mask", mask)
     C.check_shape("mask", mask, logits.shape[:-1], "the leading dims of logits")
-    C.check_same_device(
-        {"logits": logits, "ref_logprobs": ref_logprobs, "advantages": advantages, "mask": mask}
-    )
-    lam = C.check_positive("lam", lam)
-    tau = C.check_positive("temperature", temperature)
-    name = _dispatch.resolve(backend, logits.device)
-    C.check_mask_values("mask", mask)
-    valid = mask.bool()
-    C.check_label_range(labels, V, None, valid=valid)
-    C.check_finite_where("advantages", advantages, valid)
-    C.check_finite_where("ref_logprobs", ref_logprobs, valid)
-    if name == "reference":
-        return reference.apa_loss(logits, labels, ref_logprobs, advantages, mask, lam, tau)
-    acc = C.out_dtype(logits)
-    if logits.numel() == 0:
-        return (logits.sum() * 0.0).to(acc)
-    ignore = -100
-    flat_valid = valid.reshape(-1)
-    labels_eff = torch.where(flat_valid, labels.reshape(-1).long(), ignore).contiguous()
-    ref = torch.where(flat_valid, ref_logprobs.reshape(-1).to(acc), 0.0).contiguous()
-    adv = torch.where(flat_valid, advantages.reshape(-1).to(acc), 0.0).contiguous()
-    n = flat_valid.sum().to(acc)
-    impl = _dispatch.module(name, "logprobs")
-    return _ApaLoss.apply(logits, labels_eff, ref, adv, n, lam, tau, ignore, impl)
+    C.check_same_device({"logits": logits, "ref_logprobs": ref_logprobs, "advantages": advantages, "mask": mask})
+    loss = apa_token_loss(ref_logprobs, advantages, mask, lam=lam)
+    if _dispatch.resolve(backend, logits.device) == "reference":
+        return reference.apa_loss(logits, labels, ref_logprobs, advantages, mask, loss.consts["lam"], temperature)
+    return token_loss(logits, labels, loss, temperature=temperature, backend=backend)

@@ -1,4 +1,2 @@
-"""Triton kernels and their launch helpers, one kernel family per file (no autograd here).
-
-``kernels.<family>`` mirrors ``apa_fast._torch_<family>``: same functions, same signatures.
-"""
+"""Triton kernels and their launch helpers, one kernel family per file; no autograd and nothing from
+``apa_fast`` here (``apa_fast`` holds the autograd Functions and picks these by explicit import)."""

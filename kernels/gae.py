@@ -1,4 +1,4 @@
-"""Triton kernel: GAE with skip-mask semantics (same interface as ``apa_fast._torch_gae``).
+"""Triton kernel: GAE with skip-mask semantics (the same ``gae_fwd`` as the torch backend's).
 
 One program owns BLOCK_B sequences and walks time backwards, carrying per sequence the value of
 the next valid step and the advantage of the next valid step (DESIGN.md, "GAE"):
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from apa_fast._dispatch import interpreter_on
+from . import interpreter
 
 
 @triton.jit
@@ -73,11 +73,10 @@ def _gae_kernel(
 # Sequences per program. On a GPU 64 keeps many programs in flight for typical batch sizes; the
 # interpreter runs programs one after another, so there one wide block is fastest.
 MAX_BLOCK_B = 64
-MAX_BLOCK_B_INTERPRET = 1024
 
 
 def _block_b(B: int) -> int:
-    cap = MAX_BLOCK_B_INTERPRET if interpreter_on() else MAX_BLOCK_B
+    cap = interpreter.GAE_MAX_BLOCK_B if interpreter.on() else MAX_BLOCK_B
     return max(16, min(triton.next_power_of_2(max(B, 1)), cap))
 
 

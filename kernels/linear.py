@@ -1,7 +1,7 @@
 """Triton kernels: token log-probs, entropy and the APA loss from hidden states and the LM head.
 
-Same interface as ``apa_fast._torch_linear`` (``token_fwd``, ``token_bwd``, ``apa_fwd``);
-``apa_fast.linear`` holds the autograd Functions. No autograd here.
+``token_fwd`` / ``token_bwd`` have the torch backend's signatures; ``apa_fast.linear`` holds the autograd
+Functions and composes losses on these log-probs. No autograd here.
 
 Maths, per token row ``i`` (label ``y_i``) and vocabulary column ``v``:
 
@@ -33,9 +33,8 @@ atomic adds, bought for determinism.
 
 Kernel rules (DESIGN.md): row/column offsets in int64; vocab columns past V are -inf in the
 forward and give p = 0 in backward; rows past N are masked; everything accumulates in fp32; each
-load is cast to fp32 right away except the two matmul operands, which stay in bf16/fp16 on a GPU
-(tensor cores, fp32 accumulation) and are widened under the interpreter (which cannot do bf16
-arithmetic); fp32 operands use ``input_precision="ieee"`` (no TF32) so that fp32 results match an
+load is cast to fp32 right away except the two matmul operands, which stay in bf16/fp16 (tensor
+cores, fp32 accumulation); fp32 operands use ``input_precision="ieee"`` (no TF32) so that fp32 results match an
 fp32 reference. ``tau`` reaches the kernels as a constexpr.
 """
 
@@ -46,7 +45,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from apa_fast._dispatch import interpreter_on
+from . import interpreter
+from .logprobs import dlogits
 
 
 def _check(h: Tensor) -> None:
@@ -59,20 +59,14 @@ def _check(h: Tensor) -> None:
 
 def _blocks(N: int, V: int, H: int, h: Tensor) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps): powers of two >= 16 (tl.dot's minimum)."""
-    if interpreter_on():
-        # every block is one numpy op under the interpreter: big blocks are much faster
-        bn = max(16, min(64, triton.next_power_of_2(N)))
-        bv = max(16, min(INTERPRET_MAX_BLOCK_V, triton.next_power_of_2(V)))
-        bh = max(16, min(128, triton.next_power_of_2(H)))
-        return bn, bv, bh, 4
+    if interpreter.on():
+        return interpreter.linear_blocks(N, V, H)
     bn = max(16, min(64, triton.next_power_of_2(N)))
-    bv = 128
     bh = 64 if h.element_size() == 2 else 32
-    return bn, bv, bh, 8
+    return bn, 128, bh, 8
 
 
-# Tests shrink these to run the multi-block / multi-split paths under the interpreter.
-INTERPRET_MAX_BLOCK_V = 512
+# Tests force several vocab splits to run that path under the interpreter.
 FORCE_SPLITS: int | None = None
 # Most bytes of fp32 partial grad_h (splits x N x H) the vocab split of _grad_h_kernel may use.
 MAX_PARTIAL_BYTES = 64 << 20
@@ -87,7 +81,7 @@ def _splits(n_blocks_n: int, V: int, block_v: int, h: Tensor, partial_row_bytes:
     n_blocks_v = triton.cdiv(V, block_v)
     if FORCE_SPLITS is not None:
         s = max(1, min(FORCE_SPLITS, n_blocks_v))
-    elif interpreter_on() or h.device.type != "cuda":
+    elif interpreter.on() or h.device.type != "cuda":
         s = 1
     else:
         sms = torch.cuda.get_device_properties(h.device).multi_processor_count
@@ -140,12 +134,12 @@ def _dz_tile(
     t = z * INV_TAU - lse[:, None]
     valid = rmask[:, None] & cmask[None, :]
     p = tl.where(valid, tl.exp(tl.where(valid, t, 0.0)), 0.0)  # no exp of garbage past N / V
-    onehot = cols[None, :] == y[:, None]
-    d = g[:, None] * (tl.where(onehot, 1.0, 0.0) - p)  # onehot - p in fp32
+    ge = g * 0.0
+    ent = g * 0.0
     if HAS_GE:
         ge = tl.load(ge_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         ent = tl.load(ent_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-        d -= ge[:, None] * p * (tl.where(valid, t, 0.0) + ent[:, None])
+    d = dlogits(t, p, cols[None, :] == y[:, None], g[:, None], ge[:, None], ent[:, None], HAS_GE)
     return tl.where(valid, d * INV_TAU, 0.0)
 
 
@@ -275,7 +269,7 @@ def _grad_w_kernel(
 
 
 def _common(h: Tensor, bias: Tensor | None, tau: float) -> dict:
-    lowp = h.element_size() == 2 and not interpreter_on()
+    lowp = h.element_size() == 2 and not interpreter.on()  # the interpreter widens bf16 operands
     return dict(
         INV_TAU=1.0 / float(tau),
         HAS_BIAS=bias is not None,
@@ -284,7 +278,7 @@ def _common(h: Tensor, bias: Tensor | None, tau: float) -> dict:
     )
 
 
-def _prep(h: Tensor, weight: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _as_kernel_args(h: Tensor, weight: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     _check(h)
     h = h.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
@@ -295,7 +289,7 @@ def token_fwd(
     h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tau: float, return_entropy: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(logp, lse, entropy | None), float32 per row; lse is of u = z / tau."""
-    h, weight, labels = _prep(h, weight, labels)
+    h, weight, labels = _as_kernel_args(h, weight, labels)
     N, H = h.shape
     V = weight.shape[0]
     dev = h.device
@@ -341,7 +335,7 @@ def token_bwd(
     need: tuple[bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(grad_h, grad_W, grad_b) in the inputs' dtypes; grad_W and grad_b accumulated in fp32."""
-    h, weight, labels = _prep(h, weight, labels)
+    h, weight, labels = _as_kernel_args(h, weight, labels)
     N, H = h.shape
     V = weight.shape[0]
     dev = h.device
@@ -379,25 +373,3 @@ def token_bwd(
         if need_b:
             gb = gb32.to(bias.dtype)
     return gh, gw, gb
-
-
-def apa_fwd(
-    h: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    labels: Tensor,
-    target: Tensor,
-    n: int,
-    tau: float,
-    need: tuple[bool, bool, bool],
-) -> tuple[Tensor, Tensor, Tensor, None]:
-    """(loss, lse, coef, None): resid = logp - target, L = sum resid^2 / max(n, 1), coef = dL/dlogp.
-
-    The gradients are recomputed in backward (``token_bwd`` with ``g_logp = coef * g``), which works
-    for any upstream gradient.
-    """
-    logp, lse, _ = token_fwd(h, weight, bias, labels, tau, False)
-    resid = logp - target.to(torch.float32)
-    inv_n = 1.0 / max(int(n), 1)
-    loss = resid.dot(resid) * inv_n
-    return loss, lse, 2.0 * inv_n * resid, None

@@ -1,7 +1,8 @@
-"""Triton kernels: token log-probs, entropy and the fused APA loss, straight from logits.
+"""Triton kernels: token log-probs and entropy straight from logits, and their gradient.
 
-Same interface as ``apa_fast._torch_logprobs`` (which fixes it); ``apa_fast.logprobs`` holds the
-autograd Functions and calls the launch helpers at the bottom of this file. No autograd here.
+``logprobs_fwd`` / ``logprobs_bwd`` have the torch backend's signatures; ``apa_fast.logprobs`` holds the
+autograd Functions (losses such as APA's are composed on these log-probs there, and ``logprobs_bwd``
+recomputes p for any upstream gradient). No autograd here.
 
 Maths (per row, i.e. per token; ``u = z / tau``, label ``y``):
 
@@ -11,8 +12,6 @@ Maths (per row, i.e. per token; ``u = z / tau``, label ``y``):
     H    = lse - sum(p * u) = log s - w / s    with w = sum exp(u - m) * (u - m), kept in the same
            pass by  w' = exp(m - m') * (w + (m - m') * s) + sum_blk exp(u - m') * (u - m')
            (shifted by the running max so that large logits do not cancel in fp32)
-    resid = logp - ref - adv / lam            (APA; 0 on masked rows)
-    L = sum(resid^2) / max(n, 1)              coef = dL/dlogp = 2 * resid / max(n, 1)
 
 Backward recomputes p = exp(u - lse) block by block from the saved lse (no softmax is stored):
 
@@ -24,8 +23,7 @@ Backward recomputes p = exp(u - lse) block by block from the saved lse (no softm
 Kernel rules (DESIGN.md, "kernel lessons"): one row per program on grid axis 0; the row offset
 ``b * stride_b + t * stride_t`` in int64, so a shifted slice ``logits[:, :-1]`` is read in place;
 vocab columns past V load as -inf and the running max starts at -inf; everything accumulates in fp32
-(loads are cast right away, which the interpreter also needs for bf16); ``tau``, ``lam`` and
-``ignore_index`` are constexpr; the label logit is loaded only when ``0 <= y < V``. A label outside
+(loads are cast right away); ``tau`` and ``ignore_index`` are constexpr; the label logit is loaded only when ``0 <= y < V``. A label outside
 ``[0, V)`` is treated like ``ignore_index`` (logp 0, entropy 0, no gradient), so a bad label can
 never make a kernel read out of bounds even when the public input checks are skipped.
 """
@@ -37,18 +35,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from apa_fast._dispatch import interpreter_on
+from . import interpreter
 
-# Largest vocab block per loop iteration. Under the interpreter every block is one numpy op, so big
-# blocks are much faster there; on a GPU a block of a few thousand columns keeps registers in check.
+# Largest vocab block per loop iteration: a few thousand columns keep registers in check.
 MAX_BLOCK_V = 4096
-MAX_BLOCK_V_INTERPRET = 32768
 
 
 def _config(V: int, x: Tensor) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for a vocab of size V: a power of two >= 16, at most one cap."""
-    cap = MAX_BLOCK_V_INTERPRET if interpreter_on() else MAX_BLOCK_V
-    if x.element_size() == 2 and not interpreter_on():
+    cap = interpreter.LOGITS_MAX_BLOCK_V if interpreter.on() else MAX_BLOCK_V
+    if x.element_size() == 2 and not interpreter.on():
         cap *= 2  # half-width loads: twice the columns for the same registers
     block = max(16, min(triton.next_power_of_2(V), cap))
     warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
@@ -64,16 +60,13 @@ def _check_dtype(x3: Tensor) -> None:
 
 
 @triton.jit
-def _rtne_bf16(x):
-    """fp32 -> fp32 rounded to the nearest bf16 (ties to even), so that the final cast is exact.
-
-    Only used under the interpreter, whose fp32 -> bf16 cast truncates (on a GPU the cast itself
-    rounds to nearest even); without it the interpreted gradient would carry up to 1 bf16 ulp of
-    error instead of half an ulp.
-    """
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
+def dlogits(t, p, is_label, g, ge, H, HAS_GE: tl.constexpr):
+    """d/du of ``g * logp + ge * H`` from t = u - lse and p = exp(t), in fp32 (also used by kernels.linear):
+    ``g (onehot - p) - ge p (t + H)``; where p = 0 (z = -inf) t is not read, so no 0 * -inf is formed."""
+    d = g * (tl.where(is_label, 1.0, 0.0) - p)
+    if HAS_GE:
+        d -= ge * p * (tl.where(p > 0.0, t, 0.0) + H)
+    return d
 
 
 @triton.jit
@@ -96,18 +89,13 @@ def _lse_fwd_kernel(
     logp_ptr,
     lse_ptr,
     ent_ptr,
-    ref_ptr,
-    adv_ptr,
-    resid_ptr,
     T,
     V,
     stride_b,
     stride_t,
     INV_TAU: tl.constexpr,
-    LAM: tl.constexpr,
     IGNORE_INDEX: tl.constexpr,
     HAS_ENT: tl.constexpr,
-    APA: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row, base, y, valid = _row(x_ptr, labels_ptr, T, V, stride_b, stride_t, IGNORE_INDEX)
@@ -138,15 +126,9 @@ def _lse_fwd_kernel(
     tl.store(lse_ptr + row, lse)
 
     zy = tl.load(base + tl.where(valid, y, 0), mask=valid, other=0.0).to(tl.float32)
-    logp = tl.where(valid, zy * INV_TAU - lse, 0.0)
+    tl.store(logp_ptr + row, tl.where(valid, zy * INV_TAU - lse, 0.0))
     if HAS_ENT:
         tl.store(ent_ptr + row, tl.where(valid, log_s - w / s, 0.0))
-    if APA:
-        ref = tl.load(ref_ptr + row).to(tl.float32)
-        adv = tl.load(adv_ptr + row).to(tl.float32)
-        tl.store(resid_ptr + row, tl.where(valid, logp - ref - adv / LAM, 0.0))
-    else:
-        tl.store(logp_ptr + row, logp)
 
 
 @triton.jit
@@ -187,56 +169,14 @@ def _lse_bwd_kernel(
         inb = offs < V
         u = tl.load(base + offs, mask=inb, other=0.0).to(tl.float32) * INV_TAU
         tt = u - lse
-        p = tl.exp(tt)
-        d = tl.where(offs == y, 1.0 - p, -p) * g  # onehot - p in fp32
-        if HAS_GE:
-            d += -p * (tl.where(p > 0.0, tt, 0.0) + H) * ge  # p = 0 where z = -inf: no 0 * -inf
+        d = dlogits(tt, tl.exp(tt), offs == y, g, ge, H, HAS_GE)
         d = tl.where(valid, d * INV_TAU, 0.0)  # ignored rows: exact zeros even if lse is not finite
         if ROUND_BF16:
-            d = _rtne_bf16(d)
+            d = interpreter.round_bf16(d)
         tl.store(out + offs, d.to(grad_ptr.dtype.element_ty), mask=inb)
 
 
-def _launch_fwd(x3, labels, tau, ignore_index, ent, apa):
-    B, T, V = x3.shape
-    N = B * T
-    dev = x3.device
-    lse = torch.empty(N, dtype=torch.float32, device=dev)
-    BLOCK_V, warps = _config(V, x3)
-    if apa is None:
-        logp = torch.empty(N, dtype=torch.float32, device=dev)
-        ref = adv = resid = lse  # unused (APA=False)
-        lam = 1.0
-    else:
-        ref, adv, lam = apa
-        logp = lse  # unused (APA=True)
-        resid = torch.empty(N, dtype=torch.float32, device=dev)
-    if N > 0:
-        _lse_fwd_kernel[(N,)](
-            x3,
-            labels,
-            logp,
-            lse,
-            ent if ent is not None else lse,
-            ref,
-            adv,
-            resid,
-            T,
-            V,
-            x3.stride(0),
-            x3.stride(1),
-            INV_TAU=1.0 / float(tau),
-            LAM=float(lam),
-            IGNORE_INDEX=int(ignore_index),
-            HAS_ENT=ent is not None,
-            APA=apa is not None,
-            BLOCK_V=BLOCK_V,
-            num_warps=warps,
-        )
-    return (logp if apa is None else resid), lse
-
-
-def _prep(x3: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+def _as_kernel_args(x3: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     _check_dtype(x3)
     if x3.dim() != 3:
         raise ValueError(f"x3 must be a (B, T, V) view, got shape {tuple(x3.shape)}")
@@ -258,10 +198,19 @@ def logprobs_fwd(
     x3: Tensor, labels: Tensor, tau: float, ignore_index: int, return_entropy: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(logp, lse, entropy | None), each flat (B*T,) float32; ignored rows give logp = entropy = 0."""
-    x3, labels = _prep(x3, labels)
+    x3, labels = _as_kernel_args(x3, labels)
     N = x3.shape[0] * x3.shape[1]
-    ent = torch.empty(N, dtype=torch.float32, device=x3.device) if return_entropy else None
-    logp, lse = _launch_fwd(x3, labels, tau, ignore_index, ent, None)
+    B, T, V = x3.shape
+    f32 = dict(dtype=torch.float32, device=x3.device)
+    logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
+    ent = torch.empty(N, **f32) if return_entropy else None
+    BLOCK_V, warps = _config(V, x3)
+    if N > 0:
+        _lse_fwd_kernel[(N,)](
+            x3, labels, logp, lse, ent if ent is not None else lse, T, V, x3.stride(0), x3.stride(1),
+            INV_TAU=1.0 / float(tau), IGNORE_INDEX=int(ignore_index), HAS_ENT=ent is not None,
+            BLOCK_V=BLOCK_V, num_warps=warps,
+        )
     return logp, lse, ent
 
 
@@ -276,7 +225,7 @@ def logprobs_bwd(
     ignore_index: int,
 ) -> Tensor:
     """d(sum g_logp*logp + g_ent*H)/dz as a contiguous (B, T, V) tensor in x3's dtype."""
-    x3, labels = _prep(x3, labels)
+    x3, labels = _as_kernel_args(x3, labels)
     B, T, V = x3.shape
     N = B * T
     grad = torch.empty((B, T, V), dtype=x3.dtype, device=x3.device)
@@ -305,33 +254,8 @@ def logprobs_bwd(
         IGNORE_INDEX=int(ignore_index),
         HAS_G=g_logp is not None,
         HAS_GE=g_ent is not None,
-        ROUND_BF16=x3.dtype == torch.bfloat16 and interpreter_on(),
+        ROUND_BF16=x3.dtype == torch.bfloat16 and interpreter.on(),
         BLOCK_V=BLOCK_V,
         num_warps=warps,
     )
     return grad
-
-
-def apa_loss_fwd(
-    x3: Tensor,
-    labels: Tensor,
-    ref: Tensor,
-    adv: Tensor,
-    n: Tensor,
-    lam: float,
-    tau: float,
-    ignore_index: int,
-    need_grad: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, None]:
-    """(loss, lse, coef, None): one kernel pass gives lse and resid per row; the backward recomputes.
-
-    ``need_grad`` is accepted for interface parity and ignored: the gradient is never computed here
-    (recomputing in backward serves any upstream gradient and costs no extra full-size write).
-    """
-    x3, labels = _prep(x3, labels)
-    ref, adv = _flat_f32(ref), _flat_f32(adv)
-    resid, lse = _launch_fwd(x3, labels, tau, ignore_index, None, (ref, adv, lam))
-    n_c = n.to(device=x3.device, dtype=torch.float32).clamp(min=1.0)  # stays on device: no sync
-    loss = (resid * resid).sum() / n_c
-    coef = 2.0 * resid / n_c
-    return loss, lse, coef, None

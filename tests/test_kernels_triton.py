@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 import apa_fast  # noqa: E402
 from apa_fast import reference  # noqa: E402
 from kernels import gae as KG  # noqa: E402
+from kernels import interpreter  # noqa: E402
 from kernels import logprobs as K  # noqa: E402
 
 IGN = -100
@@ -43,7 +44,7 @@ def _ref_grad(x3, y, g, ge, tau=1.0, ignore_index=IGN):
 def small_blocks(monkeypatch):
     """Force many vocab blocks with a ragged tail, whatever the device."""
     monkeypatch.setattr(K, "MAX_BLOCK_V", 64)
-    monkeypatch.setattr(K, "MAX_BLOCK_V_INTERPRET", 64)
+    monkeypatch.setattr(interpreter, "LOGITS_MAX_BLOCK_V", 64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,12 +82,15 @@ def test_bad_labels_never_read_out_of_bounds(small_blocks):
     assert torch.isfinite(grad).all() and torch.equal(grad, grad_i)
     assert grad.view(B * T, V)[list(bad)].abs().max() == 0
 
-    ref, adv = logits((B * T,), scale=1.0, seed=7) - 5, logits((B * T,), scale=1.0, seed=8)
-    n = torch.tensor(float(B * T - len(bad)), device=DEVICE)
-    loss, _, coef, none = K.apa_loss_fwd(x3, y, ref, adv, n, 0.1, 0.9, IGN)
-    loss_i, _, coef_i, _ = K.apa_loss_fwd(x3, y_ign, ref, adv, n, 0.1, 0.9, IGN)
-    assert none is None and torch.isfinite(loss) and torch.equal(loss, loss_i) and torch.equal(coef, coef_i)
-    assert (coef[list(bad)] == 0).all()
+    # the APA loss composed on these kernels, with the public label checks skipped: a bad label at a
+    # valid position reads nothing and scores like an ignored one
+    ref, adv = logits((B, T), scale=1.0, seed=7) - 5, logits((B, T), scale=1.0, seed=8)
+    m = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("APA_FAST_SKIP_VALUE_CHECKS", "1")
+        loss = apa_fast.apa_loss(x3, y.view(B, T), ref, adv, m, lam=0.1, temperature=0.9, backend="triton")
+        loss_i = apa_fast.apa_loss(x3, y_ign.view(B, T), ref, adv, m, lam=0.1, temperature=0.9, backend="triton")
+    assert torch.isfinite(loss) and torch.equal(loss, loss_i)
     # nothing was written into the logits buffer either (NaN-aware comparison)
     assert torch.equal(buf.isnan(), before.isnan()) and torch.equal(buf.nan_to_num(), before.nan_to_num())
 
@@ -206,7 +210,8 @@ def test_float64_is_refused_with_a_pointer():
     with pytest.raises(TypeError, match="backend='torch'"):
         K.logprobs_fwd(x3, y, 1.0, IGN, False)
     with pytest.raises(TypeError, match="float64"):
-        K.apa_loss_fwd(x3, y, y.float(), y.float(), torch.tensor(2.0), 0.1, 1.0, IGN)
+        t = torch.zeros(1, 2, dtype=torch.float64, device=DEVICE)
+        apa_fast.apa_loss(x3, y.view(1, 2), t, t, t > -1, backend="triton")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,28 +303,29 @@ def test_large_vocab_bf16():
 # the APA launcher and the public path
 
 
-def test_apa_loss_fwd_formula_and_recompute(small_blocks):
+def test_apa_loss_formula_and_recompute(small_blocks):
+    """fp32 APA loss composed on the kernels (backward recomputes p): value and gradient against the
+    float64 formula; an all-masked batch gives 0 and a zero gradient, never NaN."""
     B, T, V = 2, 5, 150
-    x3 = logits((B, T + 1, V))[:, :-1]
-    y = labels((B * T,), V)
-    m = torch.rand(B * T, generator=torch.Generator().manual_seed(3)).to(DEVICE) > 0.3
-    y = torch.where(m, y, IGN)
-    ref = torch.where(m, logits((B * T,), scale=1.0, seed=4) - 5, 0.0)
-    adv = torch.where(m, logits((B * T,), scale=1.0, seed=5), 0.0)
-    n = m.sum().float()
+    z = logits((B, T + 1, V))
+    y = labels((B, T), V)
+    m = (torch.rand(B, T, generator=torch.Generator().manual_seed(3)) > 0.3).to(DEVICE)
+    ref = torch.where(m, logits((B, T), scale=1.0, seed=4) - 5, 0.0)
+    adv = torch.where(m, logits((B, T), scale=1.0, seed=5), 0.0)
     lam, tau = 0.3, 0.8
-    for need_grad in (False, True):  # need_grad is ignored: the backward always recomputes
-        loss, lse, coef, grad = K.apa_loss_fwd(x3, y, ref, adv, n, lam, tau, IGN, need_grad)
-        assert grad is None and loss.dim() == 0 and loss.dtype == torch.float32
-    lr, _ = _ref_fwd(x3, y, tau)
-    resid = torch.where(m.cpu(), lr.cpu() - ref.double().cpu() - adv.double().cpu() / lam, 0.0)
-    exact = (resid**2).sum() / n.item()
+    zt = z.clone().requires_grad_()
+    loss = apa_fast.apa_loss(zt[:, :-1], y, ref, adv, m, lam=lam, temperature=tau, backend="triton")
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    loss.backward()
+    zr = z.double().requires_grad_()
+    exact = reference.apa_loss(zr[:, :-1], y, ref.double(), adv.double(), m, lam, tau)
+    exact.backward()
     assert abs(loss.item() - exact.item()) <= 1e-5 * exact.item()  # fp32 sum of N squares
-    assert max_err(coef.cpu(), 2 * resid / n.item()) < 1e-5
-    # all masked: loss 0 and coef 0, never NaN (n = 0 is clamped to 1 on the device)
-    yi = torch.full_like(y, IGN)
-    loss0, _, coef0, _ = K.apa_loss_fwd(x3, yi, ref, adv, torch.tensor(0.0, device=DEVICE), lam, tau, IGN)
-    assert loss0.item() == 0 and coef0.abs().max().item() == 0
+    assert max_err(zt.grad, zr.grad) < 1e-6
+    zt.grad = None
+    loss0 = apa_fast.apa_loss(zt[:, :-1], y, ref, adv, torch.zeros_like(m), lam=lam, temperature=tau, backend="triton")
+    loss0.backward()
+    assert loss0.item() == 0 and zt.grad.abs().max().item() == 0
 
 
 def test_public_apa_loss_triton_matches_reference_bf16():
@@ -363,7 +369,7 @@ def _gae_inputs(B, T, seed, holes=True):
 @pytest.mark.parametrize("use_last", [False, True])
 def test_gae_kernel_against_reference(B, T, use_last, monkeypatch):
     monkeypatch.setattr(KG, "MAX_BLOCK_B", 16)  # several programs, a ragged last block at B=37
-    monkeypatch.setattr(KG, "MAX_BLOCK_B_INTERPRET", 16)
+    monkeypatch.setattr(interpreter, "GAE_MAX_BLOCK_B", 16)
     r, v, m, last = _gae_inputs(B, T, seed=B * 100 + T)
     lv = last if use_last else None
     # NaN at masked positions must not leak: the kernel loads them under the mask

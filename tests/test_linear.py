@@ -327,9 +327,10 @@ def test_triton_vocab_blocks_and_splits(splits, monkeypatch):
     """Several vocab blocks per program and the vocabulary split across programs (merged online-lse
     partials in forward, per-split partial grad_h in backward), with a masked tail block."""
     pytest.importorskip("triton")
+    import kernels.interpreter
     import kernels.linear as kl
 
-    monkeypatch.setattr(kl, "INTERPRET_MAX_BLOCK_V", 64)
+    monkeypatch.setattr(kernels.interpreter, "LINEAR_MAX_BLOCK_V", 64)
     monkeypatch.setattr(kl, "FORCE_SPLITS", splits)
     h, w, b, y = _make((3, 7), 20, 257)
     g = torch.randn(3, 7, dtype=torch.float64).to(DEVICE)
