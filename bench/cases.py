@@ -87,6 +87,8 @@ def shapes(op: str, profile: str, device: str) -> list[dict]:
         if gpu:
             grid += [(8192, 4096, 128256, "bf16")]
         out = [dict(N=n, H=h, V=v, dtype=d, mode="fwd+bwd") for n, h, v, d in grid]
+        # PPO's and AWR's losses through the same fused path (the trainer's update for --algo ppo/awr)
+        out += [dict(out[0], loss=loss) for loss in ("ppo", "awr")]
     return out
 
 
@@ -96,7 +98,7 @@ def shape_id(shape: dict) -> str:
     s = f"N{shape['N']}"
     if "H" in shape:
         s += f"-H{shape['H']}"
-    return s + f"-V{shape['V']}-{shape['dtype']}-{shape['mode']}"
+    return s + f"-V{shape['V']}-{shape['dtype']}-{shape['mode']}" + (f"-{shape['loss']}" if "loss" in shape else "")
 
 
 def shape_label(shape: dict) -> str:
@@ -106,7 +108,7 @@ def shape_label(shape: dict) -> str:
     s = f"N={shape['N']}"
     if "H" in shape:
         s += f", H={shape['H']}"
-    return s + f", V={shape['V']:,}, {shape['dtype']}, {shape['mode']}"
+    return s + f", V={shape['V']:,}, {shape['dtype']}, {shape['mode']}" + (f", {shape['loss']} loss" if "loss" in shape else "")
 
 
 # -------------------------------------------------------------------------------------- availability
@@ -117,21 +119,13 @@ def unavailable(op: str, impl: str, device: str) -> str | None:
             return "Triton backend needs CUDA (the CPU interpreter is for tests, not speed)"
         if importlib.util.find_spec("triton") is None:
             return "triton not installed"
-        if op == "linear_apa_loss" and importlib.util.find_spec("kernels.linear") is None:
-            return "kernels.linear (Triton linear ops) not written yet"
     if impl == "liger":
         if device != "cuda":
             return "Liger-Kernel runs on CUDA only"
         if importlib.util.find_spec("liger_kernel") is None:
             return "liger_kernel not installed"
-    if op == "linear_apa_loss":
-        try:
-            import apa_fast._torch_linear  # noqa: F401
-        except Exception as e:  # the linear ops are being written in parallel
-            if impl.startswith("apa_fast"):
-                return f"apa_fast linear backend not importable: {type(e).__name__}: {e}"
-        if impl == "linear_cross_entropy" and not hasattr(F, "linear_cross_entropy"):
-            return "torch.nn.functional.linear_cross_entropy needs a newer PyTorch"
+    if op == "linear_apa_loss" and impl == "linear_cross_entropy" and not hasattr(F, "linear_cross_entropy"):
+        return "torch.nn.functional.linear_cross_entropy needs a newer PyTorch"
     return None
 
 
@@ -347,14 +341,21 @@ def _gae(impl: str, shape: dict, device: str) -> Case:
 
 
 # ----------------------------------------------------------------------------------- linear ops
-def _eager_linear_apa(h, w, y, ref, adv, mask):
-    return _eager_apa(h @ w.t(), y, ref, adv, mask)
-
-
-def _lce_apa(h, w, y, ref, adv, mask):
+def _lce_logp(h, w, y):
     opts = torch.nn.LinearCrossEntropyOptions()
-    logp = -F.linear_cross_entropy(h, w, y, reduction="none", options=opts).float()
-    return _apa_from_logp(logp, ref, adv, mask)
+    return -F.linear_cross_entropy(h, w, y, reduction="none", options=opts).float()
+
+
+def _token_loss(name: str, ref, adv, mask, V: int, g: torch.Generator):
+    """The per-token loss of one algorithm (apa_fast.losses), the same object for every implementation."""
+    from apa_fast import losses
+
+    if name == "ppo":  # old log-probs near a uniform policy's, so the ratios sit around 1
+        old = (torch.randn(ref.shape, generator=g) * 0.1).to(ref.device) - float(torch.log(torch.tensor(float(V))))
+        return losses.ppo_token_loss(old, adv, mask, clip=0.2)
+    if name == "awr":
+        return losses.awr_token_loss(adv, mask, lam=1.0)
+    return losses.apa_token_loss(ref, adv, mask, lam=LAM_APA)
 
 
 def _linear(impl: str, shape: dict, device: str) -> Case:
@@ -363,15 +364,16 @@ def _linear(impl: str, shape: dict, device: str) -> Case:
     h = torch.randn(N, H, generator=g).to(device=device, dtype=dt).requires_grad_()
     w = (torch.randn(V, H, generator=g) / H**0.5).to(device=device, dtype=dt).requires_grad_()
     labels, ref, adv, mask = _per_token_inputs(N, V, device, g)
+    loss = _token_loss(shape.get("loss", "apa"), ref, adv, mask, V, g)
     if impl.startswith("apa_fast"):
         import apa_fast
 
         be = _backend(impl)
-        f = lambda: apa_fast.linear_apa_loss(h, w, labels, ref, adv, mask, lam=LAM_APA, backend=be)  # noqa: E731
+        f = lambda: apa_fast.linear_token_loss(h, w, labels, loss, backend=be)  # noqa: E731
     elif impl == "linear_cross_entropy":
-        f = lambda: _lce_apa(h, w, labels, ref, adv, mask)  # noqa: E731
+        f = lambda: loss(_lce_logp(h, w, labels))  # noqa: E731
     else:
-        f = lambda: _eager_linear_apa(h, w, labels, ref, adv, mask)  # noqa: E731
+        f = lambda: loss(_eager_logp(h @ w.t(), labels))  # noqa: E731
     holder: dict = {}
 
     def step():

@@ -101,6 +101,9 @@ def _ratio(groups, key, a: str, b: str, field: str = "median") -> _Ratio | None:
 APA_GPU = ("apa_loss", shape_label(dict(N=16384, V=128256, dtype="bf16", mode="fwd+bwd")))
 APA_CPU = ("apa_loss", shape_label(dict(N=4096, V=50400, dtype="fp32", mode="fwd+bwd")))
 GAE_CPU = ("gae", shape_label(dict(B=256, T=1024)))
+LINEAR_CPU = {loss: ("linear_apa_loss", shape_label(dict(N=2048, H=1024, V=50400, dtype="fp32", mode="fwd+bwd",
+                                                      **({} if loss == "apa" else {"loss": loss}))))
+              for loss in ("apa", "ppo", "awr")}
 
 
 def targets(rows, device: str) -> list[tuple[str, str, bool | None]]:
@@ -123,6 +126,14 @@ def targets(rows, device: str) -> list[tuple[str, str, bool | None]]:
     if r := _ratio(g, APA_CPU, "apa_fast[torch]", "eager", field="extra"):
         res.append(("extra memory beyond the logits gradient, torch / eager <= 5%",
                     f"{100 * r.value:.3f}% ({_mib(r.a['extra'])} / {_mib(r.b['extra'])} MiB)", r.value <= 0.05))
+    for loss, key in LINEAR_CPU.items():
+        if r := _ratio(g, key, "apa_fast[torch]", "eager"):
+            res.append((f"{loss.upper()} loss from hidden states N=2048 H=1024 V=50,400, torch / eager linear + "
+                        "log_softmax <= 1.0", f"{r.value:.3f} (median {_times(' / ', r.a['median'], r.b['median'])})",
+                        r.value <= 1.0))
+        if r := _ratio(g, key, "apa_fast[torch]", "eager", field="extra"):
+            res.append((f"{loss.upper()} from hidden states, extra memory torch / eager <= 10%",
+                        f"{100 * r.value:.1f}% ({_mib(r.a['extra'])} / {_mib(r.b['extra'])} MiB)", r.value <= 0.10))
     if r := _ratio(g, GAE_CPU, "loop[verl]", "apa_fast[torch]"):
         trlx = _ratio(g, GAE_CPU, "loop[trlx]", "apa_fast[torch]") or r
         res.append(("GAE 256x1024, Python loop / torch >= 20x (public API, input value checks on)",

@@ -222,9 +222,9 @@ def test_unfrozen_layers_trains_only_the_top_blocks(tmp_path):
     path = make_tiny_model(tmp_path / "m", n_layer=3)
     cfg = cfg_for(path, tmp_path / "o", "--unfrozen-layers", "1")
     m = R.build_models(cfg, R.Dist(), print)
-    for model, prefix in ((m.policy, "transformer."), (m.critic, "body.")):
+    for model, prefix in ((m.policy, "lm.transformer."), (m.critic, "body.")):
         names = {n for n, p in model.named_parameters() if p.requires_grad}
-        assert names and all(n.startswith((f"{prefix}h.2.", f"{prefix}ln_f.", "lm_head.", "head.")) for n in names), names
+        assert names and all(n.startswith((f"{prefix}h.2.", f"{prefix}ln_f.", "lm.lm_head.", "head.")) for n in names), names
         assert any(n.startswith(f"{prefix}ln_f.") for n in names)
     assert not any(p.requires_grad for p in m.ref.parameters())
 

@@ -92,18 +92,17 @@ def cfg_for(model_dir: Path, out: Path, *extra: str):
     return parse_args(tiny_args(model_dir, out, *extra))
 
 
-def experience(m, cfg, d, prompts: list[str], kl=None, **rollout_kw):
-    """rollout -> score -> make_experience -> compute_advantages on ``prompts``; ``kl`` defaults to the
-    config's controller; ``rollout_kw`` go to rollout (greedy, sampling_logprobs)."""
+def experience(m, cfg, d, prompts: list[str], beta: float | None = None, **rollout_kw):
+    """rollout -> score -> make_experience on ``prompts`` (unscaled scores); ``beta`` defaults to the
+    config's initial KL coefficient for PPO; ``rollout_kw`` go to rollout (greedy, sampling_logprobs).
+    Returns (rollout, experience)."""
     from train import run as R
 
-    if kl is None:
-        kl = R.KLController(cfg.kl_init, cfg.kl_target, cfg.kl_horizon)
-    b = R.rollout(m, prompts, cfg, d, **rollout_kw)
-    R.score(m, b, d, print)
-    R.make_experience(m, b, cfg, kl, b.scores)
-    R.compute_advantages(b, cfg, d)
-    return b
+    if beta is None:
+        beta = cfg.kl_init if cfg.algo == "ppo" else cfg.kl_coef
+    ro = R.rollout(m, prompts, cfg, d, **rollout_kw)
+    scores = R.score(m, ro, d, print)
+    return ro, R.make_experience(m, ro, scores, scores, cfg, beta, d)
 
 
 def one_update(model_dir: str, out_file: str) -> None:
@@ -124,7 +123,7 @@ def one_update(model_dir: str, out_file: str) -> None:
     opt = torch.optim.SGD(params, lr=cfg.lr, foreach=False)
     prompts = R.load_prompts(cfg.dataset, "train", "prompt")[:8]
     per = 8 // d.world
-    b = experience(m, cfg, d, prompts[d.rank * per : (d.rank + 1) * per], R.KLController(0.05, 6, 10000), greedy=True)
+    _, b = experience(m, cfg, d, prompts[d.rank * per : (d.rank + 1) * per], 0.05, greedy=True)
     R.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(0))
     full = {}
     for name, mod in (("policy", m.policy), ("critic", m.critic)):

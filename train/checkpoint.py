@@ -7,7 +7,7 @@ it renamed to its final name and ``latest`` replaced (``os.replace``). A crash m
 ``.tmp-*`` directory that nothing ever loads.
 
 What is saved (``TrainState``, a DCP ``Stateful``): the trainable models (policy, critic), the optimizer,
-the trainer scalars (step, data position, KL controller, reward scaler) and every rank's RNG states.
+the trainer's progress (step, data position, KL controller, reward scaler) and every rank's RNG states.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def set_rng_state(s: dict) -> None:
 class TrainState(Stateful):
     """Everything a resumed run needs to continue as if never stopped."""
 
-    def __init__(self, models: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer):
-        self.models, self.optimizer, self.trainer = models, optimizer, trainer
+    def __init__(self, models: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: Stateful):
+        self.models, self.optimizer, self.progress = models, optimizer, progress
 
     def state_dict(self) -> dict:
         msd, osd = get_state_dict(self.models, self.optimizer)
@@ -60,11 +60,11 @@ class TrainState(Stateful):
             rngs[0] = rng_state()
         # every rank stores the same list; each takes back its own entry
         rng = {f"rank{r}_{k}": v for r, s in enumerate(rngs) for k, v in s.items()}
-        return {"model": msd, "optim": osd, "trainer": self.trainer.state_dict(), "rng": rng}
+        return {"model": msd, "optim": osd, "trainer": self.progress.state_dict(), "rng": rng}
 
     def load_state_dict(self, sd: dict) -> None:
         set_state_dict(self.models, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-        self.trainer.load_state_dict(sd["trainer"])
+        self.progress.load_state_dict(sd["trainer"])
         r = _rank()
         mine = {k.split("_", 1)[1]: v for k, v in sd["rng"].items() if k.startswith(f"rank{r}_")}
         if mine:
@@ -126,9 +126,9 @@ def load(path: Path, state: TrainState) -> None:
 
 
 def export_pretrained(policy: torch.nn.Module, tokenizer, out: Path) -> None:
-    """``save_pretrained`` (safetensors) of the policy, loadable with ``AutoModelForCausalLM``.
+    """``save_pretrained`` (safetensors) of the policy's causal LM, loadable with ``AutoModelForCausalLM``.
 
-    Under FSDP the full state dict is gathered (to CPU, rank 0). The fused head's optional value head
+    Under FSDP the full state dict is gathered (to CPU, rank 0). The optional value head on the policy
     is not part of a causal LM and is left out.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -139,11 +139,11 @@ def export_pretrained(policy: torch.nn.Module, tokenizer, out: Path) -> None:
         sd = {k: v.detach().cpu() for k, v in policy.state_dict().items()}
     if _rank() != 0:
         return
-    sd = {k: v for k, v in sd.items() if ".v_head." not in k}
+    sd = {k.removeprefix("lm."): v for k, v in sd.items() if k.startswith("lm.")}
     out = Path(out)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+    policy.lm.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if out.exists():

@@ -7,7 +7,7 @@ import os
 import socket
 from pathlib import Path
 
-from .models import LoadError
+from .errors import LoadError
 from .offline import DATA_DIR
 
 
@@ -61,11 +61,16 @@ def load_causal_lm(name: str, *, dtype, attn: str, trust_remote_code: bool, what
 def load_base_model(name: str, *, dtype, attn: str, trust_remote_code: bool):
     """The transformer without its LM head (the critic's body)."""
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the LM head's weights are unused here on purpose: no load report
     try:
         return AutoModel.from_pretrained(name, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"cannot load the critic's body from {name!r}: {_first_line(e)}") from None
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool, what: str = "tokenizer"):

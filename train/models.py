@@ -1,18 +1,16 @@
-"""Models: the policy with a fused LM head, the frozen initial policy, the critic, FSDP2 sharding.
+"""Models: the policy scored explicitly from its final hidden states, the critic, and how to build, freeze
+and shard them.
 
-The LM head is where apa_fast meets the model. ``FusedLMHead`` replaces the policy's ``lm_head``
-(same parameter names, so ``save_pretrained`` and FSDP see an ordinary Linear). Called plainly (as
-``generate`` does) it returns logits. Inside ``with head.fused(...)`` the model's ordinary forward
-hands it the final hidden states, and it returns the response tokens' log-probs (and entropy, and
-values when the critic is shared) or the APA loss, computed by ``apa_fast.linear_*`` from the hidden
-states and its weight: the logits are never materialised. Because the op runs in the head's own
-forward, FSDP2 has gathered the full weight for it exactly as for any forward; a shard is never read
-as the whole weight.
+``Policy`` wraps a transformers causal LM the way nanoGPT's model reads: ``forward(...)`` runs the
+transformer body, takes the final hidden states of the response positions, and calls apa_fast's fused
+op with the LM head's weight (log-probs and entropy, or a per-token loss with its gradient formed in the
+same pass): the (tokens x vocabulary) logits are never built. Under FSDP2 the policy is the root unit,
+so its forward gathers the head's weight as for any forward; ``generate`` is registered as a forward
+method so that sampling sees whole weights too.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -21,79 +19,19 @@ from torch import Tensor, nn
 
 import apa_fast
 from apa_fast import reference
+from apa_fast.losses import TokenLoss
 
-
-class LoadError(RuntimeError):
-    """A model, dataset or reward that cannot be loaded; the message is one line saying what to do."""
+from .errors import LoadError
 
 
 @dataclass
-class HeadRequest:
-    """What the next forward of a ``FusedLMHead`` computes, for the positions ``start .. start+R-1``."""
+class TokenScores:
+    """What one policy forward gives for the R response positions (each (B, R), or a scalar loss)."""
 
-    labels: Tensor  # (B, R) next tokens of the response; ignore_index where not trained
-    start: int  # hidden position predicting labels[:, 0] (prompt length - 1)
-    temperature: float = 1.0
-    entropy: bool = False
-    values: bool = False
-    apa: dict | None = None  # {"ref_logprobs", "advantages", "mask", "lam"}: return the APA loss instead
-    backend: str = "auto"
-
-
-class FusedLMHead(nn.Linear):
-    """``nn.Linear`` LM head that computes log-probs / the APA loss from hidden states when asked."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, value_head: bool = False):
-        super().__init__(in_features, out_features, bias=bias)
-        self.v_head = ValueHead(in_features) if value_head else None
-        self._request: HeadRequest | None = None
-
-    @contextlib.contextmanager
-    def fused(self, request: HeadRequest):
-        self._request = request
-        try:
-            yield self
-        finally:
-            self._request = None
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        req = self._request
-        if req is None:
-            return super().forward(hidden)
-        R = req.labels.shape[1]
-        h = hidden[:, req.start : req.start + R]
-        out: dict = {}
-        if req.values:
-            out["values"] = self.v_head(h)
-        if req.apa is not None:
-            out["loss"] = _apa_loss(h, self.weight, self.bias, req)
-        else:
-            r = _logprobs(h, self.weight, self.bias, req)
-            out["logprobs"], out["entropy"] = r if req.entropy else (r, None)
-        # Returned through the forward (the model's output carries it as `logits`) so that FSDP2 hooks the
-        # backward of these tensors and re-gathers the weight for it.
-        return out
-
-
-def _logprobs(h: Tensor, w: Tensor, b: Tensor | None, req: HeadRequest):
-    if req.backend == "eager":  # materialise the logits (the eager log_softmax of apa_fast.reference): the baseline
-        return reference.token_logprobs(F.linear(h, w, b), req.labels, req.temperature, return_entropy=req.entropy)
-    return apa_fast.linear_token_logprobs(
-        h, w, req.labels, bias=b, temperature=req.temperature, return_entropy=req.entropy, backend=req.backend
-    )
-
-
-def _apa_loss(h: Tensor, w: Tensor, b: Tensor | None, req: HeadRequest) -> Tensor:
-    a = req.apa
-    labels = torch.where(a["mask"], req.labels, 0)
-    if req.backend == "eager":
-        lp = reference.token_logprobs(F.linear(h, w, b), labels, req.temperature)
-        resid = lp - a["ref_logprobs"] - a["advantages"] / a["lam"]
-        return torch.where(a["mask"], resid**2, 0.0).sum() / a["mask"].sum().clamp(min=1)
-    return apa_fast.linear_apa_loss(
-        h, w, labels, a["ref_logprobs"], a["advantages"], a["mask"],
-        bias=b, lam=a["lam"], temperature=req.temperature, backend=req.backend,
-    )
+    logprobs: Tensor | None = None
+    entropy: Tensor | None = None
+    values: Tensor | None = None
+    loss: Tensor | None = None
 
 
 class ValueHead(nn.Module):
@@ -106,7 +44,55 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.v_head.bias)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.v_head(h).squeeze(-1).float().clone()  # not a view: FSDP hooks its backward
+        return self.v_head(h).squeeze(-1).float()
+
+
+def _final_hidden(body: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+class Policy(nn.Module):
+    """A causal LM whose response tokens are scored from hidden states by apa_fast (optionally with a value
+    head on the same hidden states: ``--critic shared``)."""
+
+    def __init__(self, lm: nn.Module, value_head: bool = False):
+        super().__init__()
+        self.lm = lm
+        self.v_head = ValueHead(lm.config.get_text_config().hidden_size).to(lm.device) if value_head else None
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, labels: Tensor, start: int, *,
+                loss: TokenLoss | None = None, entropy: bool = False, values: bool = False,
+                temperature: float = 1.0, backend: str = "auto") -> TokenScores:
+        """Score ``labels`` (B, R; -100 where not scored), predicted from positions ``start .. start+R-1``.
+
+        With ``loss`` (a per-token loss of the log-probs, ``apa_fast.losses``) returns that loss, fused;
+        otherwise the log-probs (and entropy). ``backend="eager"`` builds the logits: the baseline."""
+        h = _final_hidden(self.lm.base_model, input_ids, attention_mask, position_ids)[:, start : start + labels.shape[1]]
+        head = self.lm.get_output_embeddings()
+        w, b = head.weight, head.bias
+        out = TokenScores(values=self.v_head(h) if values else None)
+        if backend == "eager":
+            lp = reference.token_logprobs(F.linear(h, w, b), labels, temperature, return_entropy=entropy)
+            lp, out.entropy = lp if entropy else (lp, None)
+            if loss is None:
+                out.logprobs = lp
+            else:
+                out.loss = loss(lp)
+        elif loss is not None:
+            out.loss = apa_fast.linear_token_loss(h, w, labels, loss, bias=b, temperature=temperature, backend=backend)
+        else:
+            lp = apa_fast.linear_token_logprobs(h, w, labels, bias=b, temperature=temperature,
+                                                return_entropy=entropy, backend=backend)
+            out.logprobs, out.entropy = lp if entropy else (lp, None)
+        return out
+
+    def generate(self, **kw):
+        return self.lm.generate(**kw)
 
 
 class Critic(nn.Module):
@@ -117,27 +103,28 @@ class Critic(nn.Module):
         self.body = body
         self.head = ValueHead(hidden_size)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, start: int, length: int):
-        h = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        h = h.last_hidden_state if hasattr(h, "last_hidden_state") else h[0]
-        return self.head(h[:, start : start + length])
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, start: int, length: int) -> Tensor:
+        return self.head(_final_hidden(self.body, input_ids, attention_mask, position_ids)[:, start : start + length])
 
 
-def install_fused_head(lm: nn.Module, value_head: bool = False) -> FusedLMHead:
-    """Replace ``lm``'s output Linear by a ``FusedLMHead`` holding the same weights."""
-    old = lm.get_output_embeddings()
-    if not isinstance(old, nn.Linear):
-        raise LoadError(f"{type(lm).__name__}: its output layer is {type(old).__name__}, not a Linear LM head")
-    if old.weight is lm.get_input_embeddings().weight:
-        raise LoadError(f"{type(lm).__name__} ties lm_head to the input embeddings; the trainer needs an untied head "
-                        "(GPT-J style). Untie it (config.tie_word_embeddings=False) and retry")
-    with torch.device("meta"):  # no V x H init and copy: the head takes over the old parameters
-        head = FusedLMHead(old.in_features, old.out_features, bias=old.bias is not None)
-    head.weight, head.bias = old.weight, old.bias
-    if value_head:  # float32 even under a bf16 policy
-        head.v_head = ValueHead(old.in_features).to(old.weight.device)
-    lm.set_output_embeddings(head)
-    return head
+@torch.no_grad()
+def check_plain_head(lm: nn.Module) -> None:
+    """Refuse a model whose logits are not ``hidden @ W.T + b`` of its final hidden states (soft-capping,
+    scaling): the fused op would compute other log-probs than the model samples from. One tiny forward
+    of both, compared, so that no list of model names is needed."""
+    head = lm.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise LoadError(f"{type(lm).__name__}: its output layer is {type(head).__name__}, not a Linear LM head")
+    ids = torch.arange(min(4, head.out_features), device=head.weight.device).unsqueeze(0)
+    mask, pos = torch.ones_like(ids), torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+    was_training = lm.training
+    lm.eval()
+    logits = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
+    ours = F.linear(_final_hidden(lm.base_model, ids, mask, pos), head.weight, head.bias).float()
+    lm.train(was_training)
+    if not torch.allclose(logits, ours, rtol=1e-3, atol=1e-3 * max(1.0, float(ours.abs().max()))):
+        raise LoadError(f"{type(lm).__name__} transforms its logits after the LM head (e.g. soft-capping or scaling); "
+                        "the fused log-probs do not support that yet, so the trainer refuses this model")
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
@@ -151,24 +138,22 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     return best
 
 
-def freeze_bottom(lm: nn.Module, unfrozen_layers: int) -> None:
+def freeze_bottom(model: Policy | Critic, unfrozen_layers: int) -> None:
     """Train only the top ``unfrozen_layers`` blocks, the final norm and the heads (-1: everything)."""
     if unfrozen_layers < 0:
         return
-    blocks = transformer_blocks(lm)
-    for p in lm.parameters():
-        p.requires_grad_(False)
-    keep = list(blocks)[len(blocks) - unfrozen_layers :] if unfrozen_layers > 0 else []
-    for m in keep:
+    blocks = transformer_blocks(model)
+    model.requires_grad_(False)
+    for m in list(blocks)[len(blocks) - unfrozen_layers :] if unfrozen_layers > 0 else []:
         m.requires_grad_(True)
-    for base in (lm, getattr(lm, "base_model", None), getattr(lm, "body", None)):  # LM, HF base, or Critic
-        for name in ("ln_f", "norm", "final_layer_norm"):
-            if base is not None and isinstance(getattr(base, name, None), nn.Module):
-                getattr(base, name).requires_grad_(True)
-    if hasattr(lm, "get_output_embeddings"):
-        lm.get_output_embeddings().requires_grad_(True)
-    if isinstance(lm, Critic):
-        lm.head.requires_grad_(True)
+    body = model.lm.base_model if isinstance(model, Policy) else model.body
+    for name in ("ln_f", "norm", "final_layer_norm"):
+        if isinstance(getattr(body, name, None), nn.Module):
+            getattr(body, name).requires_grad_(True)
+    heads = (model.lm.get_output_embeddings(), model.v_head) if isinstance(model, Policy) else (model.head,)
+    for head in heads:
+        if head is not None:
+            head.requires_grad_(True)
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -176,22 +161,97 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def shard(model: nn.Module, mesh, mp_policy=None, extra: tuple[nn.Module, ...] = ()) -> nn.Module:
-    """FSDP2, torchtitan style: ``fully_shard`` each transformer block, then ``extra`` modules, then the root."""
-    from torch.distributed.fsdp import fully_shard
+def shard(model: nn.Module, mesh, mp_policy=None) -> nn.Module:
+    """FSDP2, torchtitan style: ``fully_shard`` each transformer block, then the root (which keeps the
+    embeddings, the final norm and the heads); a policy's ``generate`` gathers like its forward."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    kw = {"mesh": mesh}
-    if mp_policy is not None:
-        kw["mp_policy"] = mp_policy
+    kw = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
     for block in transformer_blocks(model):
         fully_shard(block, **kw)
-    for m in extra:
-        fully_shard(m, **kw)
     fully_shard(model, **kw)
+    if isinstance(model, Policy):
+        register_fsdp_forward_method(model, "generate")
     return model
 
 
 def make_critic(body: nn.Module, config) -> Critic:
     """A critic on ``body`` (the transformer of the SFT model): values from its final hidden states."""
-    hidden = getattr(config, "hidden_size", None) or config.n_embd
-    return Critic(body, hidden).to(next(body.parameters()).device)
+    return Critic(body, config.get_text_config().hidden_size).to(next(body.parameters()).device)
+
+
+# ---- building all four models ----------------------------------------------------------------------
+
+
+@dataclass
+class Models:
+    policy: Policy  # trainable
+    ref: Policy  # the frozen initial policy
+    critic: Critic | None  # None when the value head is on the policy (--critic shared)
+    tokenizer: object
+    reward: object  # (prompts, completions) -> list of floats
+
+
+def attn_implementation(attn: str) -> str:
+    if attn != "auto":
+        return attn
+    try:
+        import flash_attn  # noqa: F401
+
+        return "flash_attention_2" if torch.cuda.is_available() else "eager"
+    except Exception:  # noqa: BLE001
+        return "eager"  # GPT-J in transformers has no SDPA path
+
+
+def build_models(cfg, d, log) -> Models:
+    """Policy, initial policy, critic and reward, loaded and placed one at a time (peak host memory: one model).
+
+    Single process: each model moves to the device. FSDP2: each is sharded (``shard``); ``fully_shard``
+    moves each unit to the mesh's device as it shards it, so no model ever sits whole on one GPU.
+    """
+    from .loading import load_base_model, load_causal_lm, load_tokenizer
+    from .offline import warmed_up_model
+    from .rewards import load_reward
+
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+    attn = attn_implementation(cfg.attn)
+    frozen_dtype = torch.bfloat16 if bf16 else torch.float32
+    mp = None
+    if d.mesh is not None and bf16:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+    def place(model: nn.Module, trainable: bool = False) -> nn.Module:
+        if d.mesh is None:  # single process (CPU): --precision bf16 trains in plain bf16
+            return model.to(d.device, torch.bfloat16 if bf16 and trainable else None)
+        return shard(model, d.mesh, mp if trainable else None)
+
+    path = str(d.main_first(lambda: warmed_up_model(cfg.cache_dir or None, log=log))) if cfg.model == "offline" else cfg.model
+    tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+    # the trainable policy keeps fp32 master weights; FSDP2's MixedPrecisionPolicy computes in bf16 on GPU
+    lm = load_causal_lm(path, dtype=torch.float32, attn=attn, trust_remote_code=cfg.trust_remote_code)
+    check_plain_head(lm)
+    lm.generation_config.pad_token_id = tokenizer.pad_token_id
+    policy = Policy(lm, value_head=cfg.critic == "shared")
+    freeze_bottom(policy, cfg.unfrozen_layers)
+    policy = place(policy, trainable=True)
+
+    ref_lm = load_causal_lm(path, dtype=frozen_dtype, attn=attn, trust_remote_code=cfg.trust_remote_code, what="initial policy")
+    ref = place(Policy(ref_lm).requires_grad_(False).eval())
+
+    critic = None
+    if cfg.critic == "separate":  # the authors' separate critic: the SFT model's transformer + a scalar head
+        body = load_base_model(path, dtype=torch.float32, attn=attn, trust_remote_code=cfg.trust_remote_code)
+        critic = make_critic(body, lm.config)
+        freeze_bottom(critic, cfg.unfrozen_layers)
+        critic = place(critic, trainable=True)
+
+    reward = load_reward(cfg.reward_model, policy_config=lm.config, tokenizer=tokenizer,
+                         device=d.device if d.mesh is None else torch.device("cpu"), dtype=frozen_dtype,
+                         trust_remote_code=cfg.trust_remote_code)
+    rm = getattr(reward, "model", None)  # a reward model (not a function): sharded like the frozen policy
+    if isinstance(rm, nn.Module) and d.mesh is not None:
+        shard(rm, d.mesh, None)
+        reward.device = d.device
+    return Models(policy, ref, critic, tokenizer, reward)

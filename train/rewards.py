@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .loading import _first_line, check_model_source, hub_reachable, load_tokenizer
-from .models import LoadError
+from .errors import LoadError
 
 
 class FunctionReward:
