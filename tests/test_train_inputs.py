@@ -12,7 +12,7 @@ from train_fixtures import cfg_for, make_tiny_model, tiny_args, tiny_config
 
 from train import run as R
 from train.config import parse_args
-from train.models import LoadError
+from train.errors import LoadError
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +234,45 @@ def test_a_reward_that_is_never_a_number_stops_with_one_line(tiny, tmp_path, cap
     args[args.index("--reward-model") + 1] = "train_fixtures:all_nan_reward"
     line = _main_error(args, capsys)
     assert "NaN or not a number" in line and "all_nan_reward" in line
+
+
+def _tiny_hf_model(path: Path, model_type: str, **extra) -> Path:
+    """A random one-layer model of ``model_type`` with the offline tokenizer, built locally and saved."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from train.offline import build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, **extra)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_a_head_that_post_processes_logits_is_refused_in_one_line(tmp_path, capsys):
+    """Granite divides its logits by logits_scaling after the head: refused with one line, never a crash
+    (it used to end in TypeError: unsupported operand type(s) for /: 'dict' and 'float')."""
+    path = _tiny_hf_model(tmp_path / "granite", "granite", logits_scaling=4.0, tie_word_embeddings=False)
+    capsys.readouterr()  # the save's progress bar
+    line = _main_error(tiny_args(path, tmp_path / "out"), capsys)
+    assert "GraniteForCausalLM transforms its logits after the LM head" in line
+
+
+def test_tied_head_trains_and_exports_tied(tmp_path, capsys):
+    """A head tied to the input embeddings (Llama-3.2 / Qwen2.5 small style) is read as the tied weight:
+    two iterations run, the loss is finite, and the export stays tied."""
+    from transformers import AutoModelForCausalLM
+
+    path = _tiny_hf_model(tmp_path / "llama", "llama", tie_word_embeddings=True)
+    out = tmp_path / "out"
+    assert R.main(tiny_args(path, out, "--steps", "2", "--no-plot")) == 0, capsys.readouterr().err[-2000:]
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    lm = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert lm.lm_head.weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
+    init = AutoModelForCausalLM.from_pretrained(path)
+    assert not torch.equal(lm.lm_head.weight, init.lm_head.weight)  # trained, through the tie
