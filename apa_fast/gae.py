@@ -1,6 +1,9 @@
-"""GAE with skip-mask semantics, and whitening over valid tokens (optionally across ranks)."""
+"""Advantage estimators: GAE with skip-mask semantics, whitening over valid tokens (optionally across ranks),
+and group advantages from several samples per prompt (critic-free)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -88,3 +91,42 @@ def masked_whiten(
     if not shift_mean:
         out = out + mean
     return torch.where(m, out, 0.0).to(x.dtype if x.dtype in (torch.float32, torch.float64) else acc)
+
+
+def group_advantages(scores: Tensor, group_size: int, *, std: bool = True, baseline: str = "mean") -> Tensor:
+    """Critic-free advantages of (B,) sequence scores, B = prompts x ``group_size`` samples, each prompt's
+    samples contiguous: ``A_i = (s_i - b_i) / (std(s) + 1e-6)`` (GRPO), without the division (``std=False``:
+    Dr. GRPO), with ``b_i`` the group mean or (``baseline="loo"``) the mean of the group's other samples
+    (RLOO). ``std`` is the unbiased std of the group's finite scores. A NaN score takes no part in its
+    group's statistics and gets 0; so does every sample of a group with fewer than two finite scores or
+    with all its scores equal (nothing to prefer). Returns float32 (float64 for float64 scores).
+    """
+    C.check_floating("scores", scores)
+    if scores.dim() != 1:
+        raise ValueError(f"scores must have shape (B,), one per sequence, got {tuple(scores.shape)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(f"group_size must be an int >= 2 (samples per prompt), got {group_size!r}")
+    if scores.numel() % group_size:
+        raise ValueError(f"scores has {scores.numel()} entries, not a multiple of group_size={group_size}")
+    if baseline not in ("mean", "loo"):
+        raise ValueError(f"baseline must be 'mean' or 'loo', got {baseline!r}")
+    x, valid, n, flat = group_stats(scores, group_size)
+    total = x.sum(1, keepdim=True)
+    mean = total / n.clamp(min=1)
+    A = x - (mean if baseline == "mean" else (total - x) / (n - 1).clamp(min=1))
+    if std:
+        var = (torch.where(valid, x - mean, 0.0) ** 2).sum(1, keepdim=True) / (n - 1).clamp(min=1)
+        A = A / (var.sqrt() + 1e-6)
+    return torch.where(valid & ~flat, A, 0.0).reshape(-1)
+
+
+def group_stats(scores: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(scores as (groups, G) with NaN -> 0, finite mask, finite count per group, groups with nothing to
+    compare: fewer than two finite scores or all of them equal)."""
+    s = scores.reshape(-1, group_size).to(C.out_dtype(scores))
+    valid = torch.isfinite(s)
+    x = torch.where(valid, s, 0.0)
+    n = valid.sum(1, keepdim=True)
+    hi = torch.where(valid, s, -math.inf).amax(1, keepdim=True)
+    lo = torch.where(valid, s, math.inf).amin(1, keepdim=True)
+    return x, valid, n, (n < 2) | (hi == lo)

@@ -14,6 +14,7 @@ exactly nothing to the loss or its gradient.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -35,6 +36,19 @@ def ppo(logp: Tensor, old_logprobs: Tensor, advantages: Tensor, *, clip: float) 
     """PPO's clipped surrogate: ``max(-A*r, -A*clip(r, 1-eps, 1+eps))`` with ``r = exp(logp - logp_old)``."""
     ratio = torch.exp(logp - old_logprobs)
     return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip, 1.0 + clip))
+
+
+def k3(logp: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """The k3 estimator of KL(pi || pi_init) per token: ``exp(x) - x - 1`` with ``x = logp_init - logp``."""
+    x = ref_logprobs - logp
+    return torch.exp(x) - x - 1
+
+
+def grpo(logp: Tensor, old_logprobs: Tensor, advantages: Tensor, ref_logprobs: Tensor | None = None, *, clip: float,
+         beta: float) -> Tensor:
+    """GRPO (DeepSeekMath): PPO's clipped surrogate plus ``beta * k3`` to the initial policy."""
+    loss = ppo(logp, old_logprobs, advantages, clip=clip)
+    return loss if ref_logprobs is None else loss + beta * k3(logp, ref_logprobs)
 
 
 def awr(logp: Tensor, weights: Tensor) -> Tensor:
@@ -140,6 +154,21 @@ def ppo_token_loss(old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, cl
     return TokenLoss(ppo, {"old_logprobs": old_logprobs, "advantages": advantages}, {"clip": C.check_positive("clip", clip)}, m)
 
 
+def grpo_token_loss(old_logprobs: Tensor, ref_logprobs: Tensor | None, advantages: Tensor, mask: Tensor, *,
+                    clip: float = 0.2, beta: float = 0.04) -> TokenLoss:
+    """GRPO: ``L = sum(m * [max(-A*r, -A*clip(r, 1-eps, 1+eps)) + beta * k3]) / n``; ``beta = 0`` needs no
+    ``ref_logprobs`` (pass None: the initial policy need not run)."""
+    beta = float(beta)
+    if not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("grpo: beta > 0 needs ref_logprobs (the initial policy's log-probs)")
+    ref = ref_logprobs if beta > 0 else None
+    m = check_tokens(mask, old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref)
+    aux = {"old_logprobs": old_logprobs, "advantages": advantages, **({"ref_logprobs": ref} if ref is not None else {})}
+    return TokenLoss(grpo, aux, {"clip": C.check_positive("clip", clip), "beta": beta}, m)
+
+
 def awr_weights(advantages: Tensor, m: Tensor, lam: float, max_weight: float | None) -> Tensor:
     """``exp(A/lam)`` (clamped at ``max_weight``) in the advantages' precision, float32 at least."""
     lam = C.check_positive("lam", lam)
@@ -186,6 +215,14 @@ def ppo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: T
     """Clipped PPO: ``r = exp(logp - logp_old)``, ``sum(m * max(-A*r, -A*clip(r, 1-eps, 1+eps))) / sum(m)``."""
     check_tokens(mask, logprobs=logprobs)
     return ppo_token_loss(old_logprobs, advantages, mask, clip=clip)(logprobs)
+
+
+def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor | None, advantages: Tensor, mask: Tensor,
+              *, clip: float = 0.2, beta: float = 0.04) -> Tensor:
+    """GRPO: ``sum(m * [max(-A*r, -A*clip(r, 1-eps, 1+eps)) + beta * (exp(x) - x - 1)]) / sum(m)``,
+    ``r = exp(logp - logp_old)``, ``x = logp_init - logp``."""
+    check_tokens(mask, logprobs=logprobs)
+    return grpo_token_loss(old_logprobs, ref_logprobs, advantages, mask, clip=clip, beta=beta)(logprobs)
 
 
 def value_loss(

@@ -7,6 +7,8 @@ checks before it dispatches.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -109,3 +111,33 @@ def linear_apa_loss(
 ) -> Tensor:
     logits = torch.nn.functional.linear(_upcast(hidden), _upcast(weight), None if bias is None else _upcast(bias))
     return apa_loss(logits, labels, ref_logprobs, advantages, mask, lam, temperature)
+
+
+def group_advantages(scores: Tensor, group_size: int, std: bool = True, baseline: str = "mean") -> Tensor:
+    """Per sample i of a group of G: A_i = (s_i - b_i) / (std(s) + 1e-6) (or without the division), b_i the
+    group mean or the leave-one-out mean of the other samples; NaN scores count for nothing and get 0, and
+    so does every sample of a group with fewer than two finite scores or with all of them equal."""
+    out = torch.zeros(scores.shape, dtype=torch.float64)
+    for g0 in range(0, len(scores), group_size):
+        idx = [i for i in range(g0, g0 + group_size) if math.isfinite(float(scores[i]))]
+        vals = [float(scores[i]) for i in idx]
+        if len(vals) < 2 or max(vals) == min(vals):
+            continue
+        mean = sum(vals) / len(vals)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+        for i, v in zip(idx, vals):
+            b = mean if baseline == "mean" else (sum(vals) - v) / (len(vals) - 1)
+            out[i] = (v - b) / (sd + 1e-6) if std else v - b
+    return out
+
+
+def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+              clip: float = 0.2, beta: float = 0.04) -> Tensor:
+    """sum(m * [max(-A r, -A clip(r, 1-eps, 1+eps)) + beta * (exp(x) - x - 1)]) / sum(m),
+    r = exp(logp - logp_old), x = logp_init - logp."""
+    m = mask.bool()
+    lp, old, ref, A = (torch.where(m, _upcast(t), 0.0) for t in (logprobs, old_logprobs, ref_logprobs, advantages))
+    r = torch.exp(lp - old)
+    x = ref - lp
+    per = torch.maximum(-A * r, -A * r.clamp(1 - clip, 1 + clip)) + beta * (torch.exp(x) - x - 1)
+    return torch.where(m, per, 0.0).sum() / m.sum().clamp(min=1)
