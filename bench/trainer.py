@@ -88,6 +88,51 @@ def padded_vocab_model(vocab: int) -> str:
     return str(dst)
 
 
+def gptj_160m_model(vocab: int = 50400) -> str:
+    """A GPT-J-shaped model of ~160M parameters (12 layers, 768 wide, V = 50,400, random weights) with the
+    padded offline tokenizer, built locally and cached; returns its dir."""
+    from train import offline
+
+    dst = offline.default_cache_dir() / f"gptj-12x768-vocab{vocab}"
+    if (dst / "DONE").exists():
+        return str(dst)
+    import torch
+    from transformers import AutoTokenizer, GPTJConfig, GPTJForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(padded_vocab_model(vocab))
+    cfg = GPTJConfig(vocab_size=vocab, n_positions=2048, n_embd=768, n_layer=12, n_head=12, rotary_dim=64,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     tie_word_embeddings=False)
+    torch.manual_seed(0)
+    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+    GPTJForCausalLM(cfg).save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "DONE").write_text("ok\n")
+    os.replace(tmp, dst)
+    return str(dst)
+
+
+def critic_memory(steps: int = 2) -> list[str]:
+    """Peak memory of APA with the authors' separate critic (GAE) against critic-free APA (group advantages),
+    the same sequences per iteration (32), on the ~160M-parameter GPT-J shape."""
+    model = gptj_160m_model()
+    base = offline_task_flags(model)
+    runs = {
+        "--critic separate (GAE), 32 prompts x 1": ["--batch-size", "32", "--minibatch-size", "32", "--critic", "separate"],
+        "--critic none (group), 8 prompts x 4": ["--batch-size", "8", "--minibatch-size", "8", "--advantage", "group",
+                                                 "--critic", "none", "--samples-per-prompt", "4"],
+    }
+    res = {k: run_one("auto", steps, base + v) for k, v in runs.items()}
+    lines = ["Critic memory on the GPT-J-shaped model (12 x 768, V = 50,400, ~160M parameters, fp32, AdamW): "
+             f"`python -m bench.trainer --critic-memory`, {steps} iterations each.", "",
+             "| run | peak memory MiB | vs separate critic |", "|---|---:|---:|"]
+    first = next(iter(res.values())).get("peak_mem_mib")
+    for k, r in res.items():
+        mem = r.get("peak_mem_mib")
+        lines.append(f"| {k} | {mem:,.0f} | {mem / first:.2f}x |" if mem and first else f"| {k} | failed | |")
+    return lines + [""]
+
+
 def offline_task_flags(model_dir: str) -> list[str]:
     """The offline preset's settings, for a policy given by path (which would get the HF preset)."""
     from train import config, offline
@@ -148,7 +193,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--vocab", type=int, default=0,
                     help="pad the offline policy's vocabulary to this size (0: the offline default as shipped)")
+    ap.add_argument("--critic-memory", action="store_true",
+                    help="peak memory with a separate critic vs critic-free, on a ~160M-parameter GPT-J shape")
     a, extra = ap.parse_known_args(argv)
+    if a.critic_memory:
+        print("\n".join(critic_memory(a.steps)))
+        return 0
     import torch
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -229,6 +229,26 @@ def test_unfrozen_layers_trains_only_the_top_blocks(tmp_path):
     assert not any(p.requires_grad for p in m.ref.parameters())
 
 
+@pytest.mark.parametrize("flags,expect", [
+    (("--samples-per-prompt", "0"), "--samples-per-prompt must be >= 1, got 0"),
+    (("--advantage", "group"), "--advantage group needs --samples-per-prompt >= 2"),
+    (("--critic", "none"), "--critic none needs --advantage group"),
+    (("--advantage", "group", "--samples-per-prompt", "2", "--critic", "separate"), "--critic separate has nothing to learn"),
+    (("--algo", "grpo", "--samples-per-prompt", "2", "--kl-loss-coef", "-1"), "--kl-loss-coef must be >= 0"),
+])
+def test_group_flags_refused_in_one_line(tiny, tmp_path, capsys, flags, expect):
+    assert expect in _main_error(tiny_args(tiny, tmp_path / "out", *flags), capsys)
+
+
+def test_a_batch_that_does_not_split_across_processes_is_refused(tiny, tmp_path):
+    """A prompt's samples stay on one rank, so --batch-size (prompts) must divide by the process count."""
+    cfg = cfg_for(tiny, tmp_path / "o", "--algo", "grpo", "--samples-per-prompt", "4", "--batch-size", "3",
+                  "--minibatch-size", "3")
+    with pytest.raises(LoadError, match="--batch-size 3 and --minibatch-size 3 must be multiples of the number of "
+                                        r"processes \(2\)"):
+        R.check_flags(cfg, R.Dist(world=2))
+
+
 def test_a_reward_that_is_never_a_number_stops_with_one_line(tiny, tmp_path, capsys):
     args = tiny_args(tiny, tmp_path / "out")
     args[args.index("--reward-model") + 1] = "train_fixtures:all_nan_reward"

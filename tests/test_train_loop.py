@@ -88,11 +88,15 @@ def test_nan_rewards_are_reported_and_left_out(tiny, tmp_path, capsys):
     assert (b.advantages[1::2] == 0).all()
 
 
-def test_one_to_two_ranks_same_parameters(tiny, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--algo", "grpo", "--samples-per-prompt", "2", "--kl-loss-coef", "0.1",
+                                         "--reward-model", "train_fixtures:parity_reward")],
+                         ids=["apa-gae", "grpo-groups"])
+def test_one_to_two_ranks_same_parameters(tiny, tmp_path, extra):
     outs = {}
     for n in (1, 2):
         f = tmp_path / f"w{n}.pt"
-        p = run_trainer(["one-update", str(tiny), str(f)], nproc=n, entry=(str(REPO / "tests" / "train_fixtures.py"),))
+        p = run_trainer(["one-update", str(tiny), str(f), *extra], nproc=n,
+                        entry=(str(REPO / "tests" / "train_fixtures.py"),))
         assert p.returncode == 0, p.stderr[-3000:]
         outs[n] = torch.load(f, weights_only=True)
     a, b = outs[1], outs[2]
@@ -189,3 +193,24 @@ def test_two_ranks_fsdp_resume_equals_uninterrupted(tiny, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "2 process(es)" in p.stdout and "resumed from" in p.stdout
     assert _rows(part) == _rows(full) and len(_rows(full)) == 4
+
+
+def test_critic_free_resume_equals_uninterrupted_and_holds_no_critic(tiny, tmp_path):
+    """--critic none with group advantages (APA and GRPO): no critic is built or checkpointed, and a run
+    stopped after 3 iterations and resumed from step 2 logs what an uninterrupted one does."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    for algo in ("apa", "grpo"):
+        args = ["--algo", algo, "--advantage", "group", "--critic", "none", "--samples-per-prompt", "2", "--steps", "4",
+                "--save-every", "2", "--no-export", "--no-plot"]
+        full, part = tmp_path / f"{algo}-full", tmp_path / f"{algo}-part"
+        for out, extra in ((full, []), (part, ["--stop-after", "3"])):
+            p = run_trainer(tiny_args(tiny, out, *args, *extra))
+            assert p.returncode == 0, p.stderr[-3000:]
+        p = run_trainer(["--resume", str(part)])
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert _rows(part) == _rows(full) and len(_rows(full)) == 4
+        assert all(r["sequences"] == 16 and 0 <= r["group_zero_std_frac"] <= 1 for r in _rows(full))
+        keys = FileSystemReader(str(full / "checkpoints" / "step_000004")).read_metadata().state_dict_metadata
+        assert any(k.startswith("app.model.policy.") for k in keys)
+        assert not any("critic" in k for k in keys), [k for k in keys if "critic" in k][:3]

@@ -50,6 +50,12 @@ def digit_reward(prompts, completions, **_):
     return [sum(int(ch) for ch in c if ch.isdigit()) / 10.0 for c in completions]
 
 
+def parity_reward(prompts, completions, **_):
+    """digit_reward plus 1 for every second sample: two samples of a prompt differ even when greedy
+    decoding made them identical (groups are contiguous and of even size in the tests that use it)."""
+    return [r + i % 2 for i, r in enumerate(digit_reward(prompts, completions))]
+
+
 def nan_reward(prompts, completions, **_):
     """Every other sample gets a non-number (NaN, then a string)."""
     return [(float("nan") if i % 4 == 1 else "abc") if i % 2 else 1.0 for i in range(len(completions))]
@@ -105,8 +111,9 @@ def experience(m, cfg, d, prompts: list[str], beta: float | None = None, **rollo
     return ro, R.make_experience(m, ro, scores, scores, cfg, beta, d)
 
 
-def one_update(model_dir: str, out_file: str) -> None:
-    """One rollout (greedy: the same tokens for any world size) and one update on the global batch."""
+def one_update(model_dir: str, out_file: str, *extra: str) -> None:
+    """One rollout (greedy: the same tokens for any world size) and one update on the global batch; ``extra``
+    flags go to the config (e.g. a critic-free GRPO setup)."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -115,18 +122,29 @@ def one_update(model_dir: str, out_file: str) -> None:
     torch.set_num_threads(1)
     # SGD without clipping: unlike Adam, its step shows whether gradients were averaged or summed over ranks
     cfg = cfg_for(Path(model_dir), Path(out_file).parent / "unused", "--batch-size", "8", "--minibatch-size", "8",
-                  "--max-grad-norm", "0", "--lr", "0.01")
+                  "--max-grad-norm", "0", "--lr", "0.01", *extra)
     d = R.setup_dist()
     torch.manual_seed(0)
     m = R.build_models(cfg, d, print)
-    params = [p for mod in (m.policy, m.critic) for p in mod.parameters() if p.requires_grad]
+    params = [p for mod in (m.policy, m.critic) if mod is not None for p in mod.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, foreach=False)
     prompts = R.load_prompts(cfg.dataset, "train", "prompt")[:8]
     per = 8 // d.world
-    _, b = experience(m, cfg, d, prompts[d.rank * per : (d.rank + 1) * per], 0.05, greedy=True)
+    mine = [q for q in prompts[d.rank * per : (d.rank + 1) * per] for _ in range(cfg.samples_per_prompt)]
+    ro = R.rollout(m, mine, cfg, d, greedy=True)
+    if cfg.samples_per_prompt > 1:
+        # greedy samples of one prompt are identical, and mean-zero group advantages would cancel on them:
+        # make every second sample differ in its first response token (the same change for any world size)
+        P, V = ro.prompt_len, m.policy.config.vocab_size
+        ro.response[1::2, 0] = (ro.response[1::2, 0] + 1) % V
+        ro.input_ids[1::2, P] = ro.response[1::2, 0]
+    scores = R.score(m, ro, d, print)
+    b = R.make_experience(m, ro, scores, scores, cfg, 0.05, d)
     R.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(0))
     full = {}
     for name, mod in (("policy", m.policy), ("critic", m.critic)):
+        if mod is None:
+            continue
         if d.mesh is not None:
             sd = get_model_state_dict(mod, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         else:
@@ -141,7 +159,7 @@ def one_update(model_dir: str, out_file: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "one-update":
-        one_update(sys.argv[2], sys.argv[3])
+        one_update(*sys.argv[2:])
 
 
 def make_tiny_seqcls_reward(path: Path, seed: int = 1) -> Path:

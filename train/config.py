@@ -29,13 +29,23 @@ class Config:
                              "'prompt' column. Default: the preset's")
     dataset_split: str = _f("train", "split of --dataset to read prompts from")
     prompt_column: str = _f("prompt", "column holding the prompt text")
-    algo: str = _f("apa", "algorithm: apa (the paper), ppo (clipped, adaptive KL in the reward) or awr",
-                   choices=["apa", "ppo", "awr"])
+    algo: str = _f("apa", "algorithm: apa (the paper), ppo (clipped, adaptive KL in the reward), awr, or grpo "
+                   "(clipped surrogate + beta * k3 to the initial policy in the loss; implies --advantage group "
+                   "--critic none)", choices=["apa", "ppo", "awr", "grpo"])
     # run length and batches
     steps: int = _f(-1, "RL iterations (rollout + update); -1: the preset's")
     batch_size: int = _f(-1, "prompts per iteration, global over all ranks; -1: the preset's")
     minibatch_size: int = _f(-1, "sequences per gradient step, global over all ranks; -1: the preset's")
     epochs: int = _f(-1, "passes over each rollout batch; -1: the preset's")
+    samples_per_prompt: int = _f(1, "responses sampled per prompt (a group); --batch-size and --minibatch-size stay "
+                                 "counts of prompts")
+    advantage: str = _f("", "gae (a critic and GAE: the paper's) or group (each sample's score against its group's: "
+                        "critic-free); '': group for grpo, else gae", choices=["", "gae", "group"])
+    group_std: bool = _f(True, "group advantages: divide by the group's std (GRPO); --no-group-std: Dr. GRPO")
+    group_baseline: str = _f("mean", "group advantages: baseline of the group mean, or loo (leave-one-out: the mean "
+                             "of the other samples, RLOO)", choices=["mean", "loo"])
+    group_whiten: bool = _f(False, "group advantages: whiten them again over the batch's valid tokens (all ranks); "
+                            "off by default: they are already on one scale per group (GRPO, RLOO do not)")
     # optimisation
     lr: float = _f(-1.0, "learning rate (AdamW) of policy and critic; -1: the preset's (paper: 1e-6)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -51,6 +61,8 @@ class Config:
     kl_target: float = _f(6.0, "PPO: KL target of the adaptive controller")
     kl_horizon: float = _f(10000.0, "PPO: horizon of the adaptive controller")
     kl_coef: float = _f(0.0, "APA/AWR: fixed KL penalty in the reward (the authors used none)")
+    kl_loss_coef: float = _f(0.04, "GRPO: beta of the k3 KL penalty in the loss (DeepSeekMath's 0.04); 0: off, and the "
+                             "initial policy is then not even loaded")
     reward_scale: str = _f("", "'running' divides scores by their running std (the authors' mode), 'none' leaves "
                            "them; '': the preset's", choices=["", "none", "running"])
     reward_clip: float = _f(10.0, "clip (scaled) scores to [-c, c] (0: off)")
@@ -61,8 +73,9 @@ class Config:
     top_k: int = _f(0, "top-k sampling (0: off; the trained log-probs are of the full tempered softmax)")
     top_p: float = _f(1.0, "nucleus sampling (1: off)")
     # models
-    critic: str = _f("separate", "critic: a separate copy of the policy with a scalar head (the authors'), or "
-                     "a value head on the policy ('shared')", choices=["separate", "shared"])
+    critic: str = _f("", "critic: a separate copy of the policy with a scalar head (the authors'), a value head on "
+                     "the policy ('shared'), or none (with --advantage group); '': none with group advantages, else separate",
+                     choices=["", "separate", "shared", "none"])
     unfrozen_layers: int = _f(-2, "train only the top N transformer blocks (+ final norm and heads); -1: all; "
                               "-2: the preset's (paper: 2)")
     precision: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16'",
@@ -123,6 +136,8 @@ def apply_preset(cfg: Config) -> Config:
     p = PRESETS[preset_name(cfg.model)]
     if cfg.algo == "awr" and cfg.lam == _UNSET["lam"]:
         cfg.lam = 1.0  # AWR's own default temperature (exp(A/0.1) of whitened advantages overflows)
+    cfg.advantage = cfg.advantage or ("group" if cfg.algo == "grpo" else "gae")
+    cfg.critic = cfg.critic or ("none" if cfg.advantage == "group" else "separate")
     for k, unset in _UNSET.items():
         if getattr(cfg, k) == unset and k in p:
             setattr(cfg, k, p[k])
@@ -138,7 +153,7 @@ def apply_preset(cfg: Config) -> Config:
 def parse_args(argv: list[str] | None = None) -> Config:
     ap = argparse.ArgumentParser(
         prog="python -m train.run",
-        description="APA / PPO / AWR on FSDP2 with apa_fast's fused log-prob kernels. With no arguments: the offline "
+        description="APA / PPO / AWR / GRPO on FSDP2 with apa_fast's fused log-prob kernels. With no arguments: the offline "
         "demo (tiny GPT-J learns addition on CPU). '--model gptj' runs the paper's GPT-J setup (needs GPUs and the "
         "Dahoas checkpoints). Several processes: torchrun --nproc_per_node=N -m train.run ...",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -186,7 +186,7 @@ def make_critic(body: nn.Module, config) -> Critic:
 @dataclass
 class Models:
     policy: Policy  # trainable
-    ref: Policy  # the frozen initial policy
+    ref: Policy | None  # the frozen initial policy (None when nothing reads it: GRPO with --kl-loss-coef 0)
     critic: Critic | None  # None when the value head is on the policy (--critic shared)
     tokenizer: object
     reward: object  # (prompts, completions) -> list of floats
@@ -237,8 +237,11 @@ def build_models(cfg, d, log) -> Models:
     freeze_bottom(policy, cfg.unfrozen_layers)
     policy = place(policy, trainable=True)
 
-    ref_lm = load_causal_lm(path, dtype=frozen_dtype, attn=attn, trust_remote_code=cfg.trust_remote_code, what="initial policy")
-    ref = place(Policy(ref_lm).requires_grad_(False).eval())
+    ref = None
+    if cfg.algo != "grpo" or cfg.kl_loss_coef > 0 or cfg.kl_coef != 0:
+        ref_lm = load_causal_lm(path, dtype=frozen_dtype, attn=attn, trust_remote_code=cfg.trust_remote_code,
+                                what="initial policy")
+        ref = place(Policy(ref_lm).requires_grad_(False).eval())
 
     critic = None
     if cfg.critic == "separate":  # the authors' separate critic: the SFT model's transformer + a scalar head

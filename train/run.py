@@ -4,9 +4,10 @@ One iteration (``train``'s loop, each step a function below):
 
     prompts -> rollout          generate from left-padded prompts (sampled)               -> Rollout
             -> score            reward on the decoded text (NaN kept, reported)            -> scores (B,)
-            -> make_experience  logp_old, logp_init, values from hidden states via apa_fast;
-                                token rewards; GAE + whitening over all ranks               -> Experience
-            -> update           epochs x minibatches of the APA / PPO / AWR loss + value loss
+            -> make_experience  logp_old, logp_init, values from hidden states via apa_fast; then
+                                advantages: token rewards, GAE, whitening over all ranks (--advantage gae)
+                                or each score against its group's (--advantage group)     -> Experience
+            -> update           epochs x minibatches of the APA / PPO / AWR / GRPO loss (+ value loss)
             -> metrics, samples, checkpoint
 """
 
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 import apa_fast
 from apa_fast import losses, reference
+from apa_fast.gae import group_stats
 
 from . import checkpoint as ckpt
 from .config import Config, parse_args, preset_name
@@ -67,15 +69,15 @@ class Experience:
     mask: Tensor  # (B, R) bool: response tokens of rows whose score is a finite number
     scores: Tensor  # (B,) raw scores (NaN where the reward was not a number)
     logp_old: Tensor  # behaviour policy
-    logp_init: Tensor  # frozen initial policy
+    logp_init: Tensor | None  # frozen initial policy (None: not needed, GRPO with --kl-loss-coef 0)
     entropy: Tensor
-    values: Tensor
-    rewards: Tensor  # token rewards (the scaled score on the last token, PPO's KL penalty)
-    advantages: Tensor  # GAE, whitened
-    returns: Tensor
+    advantages: Tensor  # GAE, whitened; or the sequence's group advantage on each of its tokens
+    values: Tensor | None  # the critic's (None: --critic none)
+    returns: Tensor | None
+    group_zero_std_frac: float | None = None  # groups whose scores were all equal (group advantages)
 
     def rows(self, idx: Tensor) -> "Experience":
-        return Experience(**{k: v[idx] if isinstance(v, Tensor) else v for k, v in vars(self).items()})
+        return Experience(**{k: v[idx] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in vars(self).items()})
 
     def forward_args(self) -> tuple:
         """What a policy forward on these rows needs: ids, mask, positions, labels, start."""
@@ -136,23 +138,33 @@ def score(m: Models, ro: Rollout, d: Dist, log) -> Tensor:
 @torch.no_grad()
 def make_experience(m: Models, ro: Rollout, scores: Tensor, scaled: Tensor, cfg: Config, beta: float,
                     d: Dist) -> Experience:
-    """logp_old (policy), logp_init (initial policy), values (critic), token rewards from the ``scaled``
-    scores, then GAE and whitening. Rows whose score is not a number leave the mask (and the loss)."""
+    """logp_old (policy), logp_init (initial policy), values (critic), and the advantages from the ``scaled``
+    scores. Rows whose score is not a number leave the mask (and the loss)."""
     mask = ro.mask & torch.isfinite(scores).unsqueeze(1)
     labels = torch.where(mask, ro.response, -100)
     args = (ro.input_ids, ro.attention_mask, ro.position_ids, labels, ro.prompt_len - 1)
     shared = cfg.critic == "shared"
     pol = m.policy(*args, entropy=True, values=shared, temperature=cfg.temperature, backend=cfg.kernel_backend)
-    values = pol.values if shared else m.critic(*args[:3], ro.prompt_len - 1, labels.shape[1])
-    logp_init = m.ref(*args, temperature=cfg.temperature, backend=cfg.kernel_backend).logprobs
-    # r_t = -beta * (logp_old - logp_init), plus the scaled score on the last valid token
-    rewards = -beta * (pol.logprobs - logp_init) * mask
-    last = (mask.long().cumsum(-1) * mask).argmax(-1)
-    rewards[torch.arange(len(scaled), device=rewards.device), last] += torch.where(mask.any(-1), scaled, 0.0)
-    A, R = apa_fast.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.gae_lam)
-    A = apa_fast.masked_whiten(A, mask, process_group=d.group)  # over the valid tokens of all ranks
-    return Experience(*args[:3], ro.prompt_len, labels, mask, scores, pol.logprobs, logp_init, pol.entropy, values,
-                      rewards, A, R)
+    values = pol.values if shared else None if m.critic is None else m.critic(*args[:3], ro.prompt_len - 1, labels.shape[1])
+    logp_init = None if m.ref is None else m.ref(*args, temperature=cfg.temperature, backend=cfg.kernel_backend).logprobs
+    returns, zero_frac = None, None
+    if cfg.advantage == "group":  # critic-free: each sequence's score against its group's, on all its tokens
+        G = cfg.samples_per_prompt
+        A = apa_fast.group_advantages(scaled, G, std=cfg.group_std, baseline=cfg.group_baseline)
+        A = A.unsqueeze(1) * mask
+        if cfg.group_whiten:
+            A = apa_fast.masked_whiten(A, mask, process_group=d.group)
+        n_flat, n_groups = d.sum(group_stats(scaled, G)[3].sum(), len(scaled) // G)
+        zero_frac = n_flat / max(n_groups, 1.0)
+    else:
+        # r_t = -beta * (logp_old - logp_init), plus the scaled score on the last valid token
+        rewards = -beta * (pol.logprobs - logp_init) * mask
+        last = (mask.long().cumsum(-1) * mask).argmax(-1)
+        rewards[torch.arange(len(scaled), device=rewards.device), last] += torch.where(mask.any(-1), scaled, 0.0)
+        A, returns = apa_fast.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.gae_lam)
+        A = apa_fast.masked_whiten(A, mask, process_group=d.group)  # over the valid tokens of all ranks
+    return Experience(*args[:3], ro.prompt_len, labels, mask, scores, pol.logprobs, logp_init, pol.entropy, A, values,
+                      returns, zero_frac)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,6 +189,8 @@ def token_loss(mb: Experience, cfg: Config) -> losses.TokenLoss:
         return losses.apa_token_loss(mb.logp_init, A, m, lam=cfg.lam)
     if cfg.algo == "ppo":  # max(-A r, -A clip(r, 1-eps, 1+eps)),  r = exp(logp - logp_old)
         return losses.ppo_token_loss(mb.logp_old, A, m, clip=cfg.ppo_clip)
+    if cfg.algo == "grpo":  # PPO's surrogate + beta * k3,  k3 = exp(logp_init - logp) - (logp_init - logp) - 1
+        return losses.grpo_token_loss(mb.logp_old, mb.logp_init, A, m, clip=cfg.ppo_clip, beta=cfg.kl_loss_coef)
     return losses.awr_token_loss(A, m, lam=cfg.lam, max_weight=cfg.awr_max_weight or None)  # -logp exp(A/lam)
 
 
@@ -195,7 +209,7 @@ def update(m: Models, b: Experience, cfg: Config, d: Dist, opt: torch.optim.Opti
     if m.critic is not None:
         m.critic.train()
     B = b.input_ids.shape[0]
-    mb_size = cfg.minibatch_size // d.world
+    mb_size = cfg.minibatch_size * cfg.samples_per_prompt // d.world  # sequences per rank and gradient step
     sums = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0}
     n_total = 0.0  # valid tokens seen over all ranks and epochs
     for _ in range(cfg.epochs):
@@ -210,10 +224,12 @@ def update(m: Models, b: Experience, cfg: Config, d: Dist, opt: torch.optim.Opti
             # rescaling makes the update sum(token losses) / n_global, the same for any number of ranks
             scale = n_local * d.world / n_global if n_global > 0 else 0.0
             pg, values = policy_loss(m, mb, cfg)
-            if values is None:
-                values = m.critic(*mb.forward_args()[:3], mb.prompt_len - 1, mb.labels.shape[1])
-            clip = dict(old_values=mb.values, clip=cfg.value_clip) if cfg.algo == "ppo" else {}
-            vf = apa_fast.value_loss(values, mb.returns, mb.mask, **clip)
+            vf = pg.new_zeros(())
+            if mb.returns is not None:  # a critic to train
+                if values is None:
+                    values = m.critic(*mb.forward_args()[:3], mb.prompt_len - 1, mb.labels.shape[1])
+                clip = dict(old_values=mb.values, clip=cfg.value_clip) if cfg.algo == "ppo" else {}
+                vf = apa_fast.value_loss(values, mb.returns, mb.mask, **clip)
             loss = pg + cfg.vf_coef * vf
             (loss * scale).backward()
             if cfg.max_grad_norm > 0:
@@ -267,22 +283,28 @@ class Progress:
         self.scaler.load_state_dict(sd["scaler"])
 
 
-def iteration_metrics(b: Experience, d: Dist) -> dict:
+def iteration_metrics(b: Experience, cfg: Config, d: Dist) -> dict:
     """Global (all-rank) reward, KL (k1 and sqrt(mean k3)) and entropy of one rollout batch."""
     finite = torch.isfinite(b.scores)
     scores = torch.where(finite, b.scores, 0.0)
     m = b.mask.float()
-    x = (b.logp_init - b.logp_old) * m  # log(pi_init / pi), 0 at masked steps
+    logp_init = b.logp_old if b.logp_init is None else b.logp_init  # no initial policy: KL not measured
+    x = (logp_init - b.logp_old) * m  # log(pi_init / pi), 0 at masked steps
     k3 = torch.exp(x) - 1 - x
-    seq_kl = ((b.logp_old - b.logp_init) * m).sum(-1)
+    seq_kl = ((b.logp_old - logp_init) * m).sum(-1)
     has = b.mask.any(-1).float()
     s = d.sum(
         scores.sum(), finite.sum(), (seq_kl * has).sum(), has.sum(), k3.sum(), m.sum(),
-        (b.entropy * m).sum(), (~finite).sum(), scores.pow(2).sum(),
+        (b.entropy * m).sum(), (~finite).sum(), scores.pow(2).sum(), len(b.scores),
     )
     n = max(s[1], 1.0)
     mean = s[0] / n
-    return {
+    extra = {"sequences": int(s[9])}
+    if b.group_zero_std_frac is not None:
+        extra["group_zero_std_frac"] = b.group_zero_std_frac
+    if cfg.algo == "grpo":  # the loss's KL term at the start of the update: beta * mean k3(logp_old, logp_init)
+        extra["kl_loss"] = cfg.kl_loss_coef * s[4] / max(s[5], 1.0)
+    out = {
         "reward_mean": mean,
         "reward_std": math.sqrt(max(s[8] / n - mean * mean, 0.0)),
         "kl": s[2] / max(s[3], 1.0),
@@ -292,6 +314,9 @@ def iteration_metrics(b: Experience, d: Dist) -> dict:
         "response_tokens": int(s[5]),
         "response_len": s[5] / max(s[3], 1.0),
     }
+    if b.logp_init is None:
+        del out["kl"], out["kl_sqrt_k3"]
+    return {**out, **extra}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,7 +344,7 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
     done_here = 0
     while p.step < cfg.steps:
         t0 = time.perf_counter()
-        ro = rollout(m, p.sampler.next(), cfg, d)
+        ro = rollout(m, [q for q in p.sampler.next() for _ in range(cfg.samples_per_prompt)], cfg, d)
         scores = score(m, ro, d, log)
         finite = d.gather(scores[torch.isfinite(scores)])
         if finite.numel() == 0:
@@ -329,8 +354,8 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
         beta = p.kl.beta if cfg.algo == "ppo" else cfg.kl_coef  # APA and AWR: no KL in the reward by default
         exp = make_experience(m, ro, scores, p.scaler(scores), cfg, beta, d)
         losses_ = update(m, exp, cfg, d, opt, params, torch.Generator().manual_seed(cfg.seed * 7919 + p.step))
-        row = {"step": p.step + 1, **iteration_metrics(exp, d), **losses_}
-        if cfg.algo == "ppo":
+        row = {"step": p.step + 1, **iteration_metrics(exp, cfg, d), **losses_}
+        if cfg.algo == "ppo" and "kl" in row:
             p.kl.update(row["kl"], cfg.batch_size)
         row["beta"] = p.kl.beta if cfg.algo == "ppo" else cfg.kl_coef
         p.step += 1
@@ -402,9 +427,7 @@ def setup_run(cfg: Config, d: Dist, log) -> Run:
     """Checks, prompts, models, optimiser and state (resumed when asked); the run directory."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.batch_size % d.world or cfg.minibatch_size % d.world:
-        raise LoadError(f"--batch-size {cfg.batch_size} and --minibatch-size {cfg.minibatch_size} must be multiples "
-                        f"of the number of processes ({d.world})")
+    check_flags(cfg, d)
     out = Path(cfg.out or f"runs/{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.out = str(out)
     if not cfg.resume and (out / "checkpoints").exists():
@@ -449,6 +472,28 @@ def setup_run(cfg: Config, d: Dist, log) -> Run:
             bar = tqdm(total=cfg.steps, initial=progress.step, desc=cfg.algo, dynamic_ncols=True)
     metrics = MetricsLog(out, resumed_from, cfg.tensorboard) if d.main else None
     return Run(m, opt, params, progress, state, out, eval_prompts[: cfg.eval_samples], metrics, bar)
+
+
+def check_flags(cfg: Config, d: Dist) -> None:
+    """Flag combinations that cannot run, each refused with one line naming the flag."""
+    if cfg.batch_size % d.world or cfg.minibatch_size % d.world:
+        raise LoadError(f"--batch-size {cfg.batch_size} and --minibatch-size {cfg.minibatch_size} must be multiples "
+                        f"of the number of processes ({d.world})")
+    if cfg.samples_per_prompt < 1:
+        raise LoadError(f"--samples-per-prompt must be >= 1, got {cfg.samples_per_prompt}")
+    if cfg.advantage == "group" and cfg.samples_per_prompt < 2:
+        raise LoadError(f"--advantage group needs --samples-per-prompt >= 2 (a group to compare within), got "
+                        f"{cfg.samples_per_prompt}")
+    if cfg.critic == "none" and cfg.advantage == "gae":
+        raise LoadError("--critic none needs --advantage group: GAE needs a critic's values")
+    if cfg.critic != "none" and cfg.advantage == "group":
+        raise LoadError(f"--critic {cfg.critic} has nothing to learn with --advantage group (no GAE returns); use "
+                        "--critic none")
+    if cfg.kl_coef and cfg.advantage == "group":
+        raise LoadError("--kl-coef puts a KL penalty into GAE's token rewards, which --advantage group does not use; "
+                        "GRPO's KL term is --kl-loss-coef")
+    if not cfg.kl_loss_coef >= 0:
+        raise LoadError(f"--kl-loss-coef must be >= 0, got {cfg.kl_loss_coef}")
 
 
 def _fit_positions(cfg: Config, m: Models, log) -> None:
