@@ -37,7 +37,9 @@ def awr_loss(
     """AWR: ``-sum(m * logp * exp(A/lam)) / sum(m)``, weights optionally clamped at ``max_weight``."""
     m = _check_tokens(mask, logprobs=logprobs, advantages=advantages)
     lam = C.check_positive("lam", lam)
-    w = torch.exp(torch.where(m, advantages.detach().float(), 0.0) / lam)
+    # the weights in the inputs' precision (float32 at least): float64 callers get float64 exactness and range
+    dt = torch.promote_types(torch.promote_types(logprobs.dtype, advantages.dtype), torch.float32)
+    w = torch.exp(torch.where(m, advantages.detach().to(dt), 0.0) / lam)
     if max_weight is not None:
         w = w.clamp(max=C.check_positive("max_weight", max_weight))
     if C.value_checks_enabled() and not bool(torch.isfinite(torch.where(m, w, 0.0)).all()):
@@ -65,13 +67,16 @@ def value_loss(
     """``0.5 * sum(m * (V - R)^2) / sum(m)``; with ``old_values`` and ``clip`` the trlx clipped form
     ``0.5 * sum(m * max((V-R)^2, (clip(V, V_old-c, V_old+c) - R)^2)) / sum(m)``."""
     m = _check_tokens(mask, values=values, returns=returns, old_values=old_values)
-    R = returns.detach()
-    loss = (values - R) ** 2
+    # zero every input at masked positions before any arithmetic: a NaN there would otherwise reach the
+    # gradient through (V - R) * 0 even though the loss itself masks it out
+    V = torch.where(m, values, 0.0)
+    R = torch.where(m, returns.detach(), 0.0)
+    loss = (V - R) ** 2
     if clip is not None:
         if old_values is None:
             raise ValueError("value_loss: clip needs old_values")
         c = C.check_positive("clip", clip)
-        old = old_values.detach()
-        clipped = torch.maximum(torch.minimum(values, old + c), old - c)
+        old = torch.where(m, old_values.detach(), 0.0)
+        clipped = torch.maximum(torch.minimum(V, old + c), old - c)
         loss = torch.maximum(loss, (clipped - R) ** 2)
     return 0.5 * _masked_mean(loss, m)
