@@ -155,7 +155,7 @@ def build_models(cfg: Config, d: Dist, log) -> Models:
 
     reward = load_reward(cfg.reward_model, policy_config=config, tokenizer=tokenizer,
                          device=d.device if d.mesh is None else torch.device("cpu"), dtype=frozen_dtype,
-                         trust_remote_code=cfg.trust_remote_code)
+                         trust_remote_code=cfg.trust_remote_code, gptj_reward_at=cfg.gptj_reward_at)
     rm = getattr(reward, "model", None)  # a reward model (not a function): sharded like the frozen policy
     if isinstance(rm, nn.Module) and d.mesh is not None:
         shard(rm, d.mesh, None)
