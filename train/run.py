@@ -414,7 +414,18 @@ class Trainer:
 
 
 def iteration_metrics(b: Batch, d: Dist, n_bad: int) -> dict:
-    """Global (all-rank) reward, KL (k1 and sqrt(mean k3)) and entropy of one rollout batch."""
+    """Global (all-rank) reward, KL and entropy of one rollout batch, over the response tokens only.
+
+    ``kl`` (k1): per sequence ``sum_t (logp - logp_init)``, averaged over sequences. ``kl_sqrt_k3``:
+    ``sqrt(mean_t k3)``, ``k3 = exp(x) - 1 - x``, ``x = logp_init - logp``, the mean over all response tokens
+    (k3 is an unbiased, non-negative per-token estimator of KL(pi || pi_init)).
+
+    Neither is the APA authors' plotted ``policy/sqrt_kl``: that is the square root of the mean of
+    ``exp(lr) - 1 - lr`` with ``lr = logp - logp_init`` (the other ratio: its expectation under pi is
+    chi^2(pi || pi_init) - KL(pi || pi_init), not a KL) over every position of the (B, T-1) tensor, prompt
+    tokens and padding (0 there) included, so it also moves with prompt length and padding. It is not
+    computed here: it needs both models' log-probs at the prompt positions, which the fused head never forms.
+    """
     finite = torch.isfinite(b.scores)
     scores = torch.where(finite, b.scores, 0.0)
     m = b.mask.float()
