@@ -74,8 +74,8 @@ class Config:
     kernel_backend: str = _f("auto", "log-prob/APA kernels from hidden states: auto | torch | triton | reference "
                              "(apa_fast), or eager (materialise logits with lm_head + log_softmax)",
                              choices=["auto", "torch", "triton", "reference", "eager"])
-    attn: str = _f("auto", "attention: auto (flash_attention_2 when flash_attn imports, else eager), eager, "
-                   "flash_attention_2, sdpa")
+    attn: str = _f("auto", "attention: auto (flash_attention_2 on CUDA when flash_attn imports, else sdpa where "
+                   "the model supports it, else eager), eager, flash_attention_2, sdpa")
     trust_remote_code: bool = _f(False, "allow models' own code from the Hub (off unless asked)")
     # outputs
     out: str = _f("", "run directory (metrics.jsonl, samples.jsonl, plot, checkpoints, final/); default runs/<algo>-<time>")

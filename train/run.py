@@ -95,15 +95,23 @@ class Models:
     reward: object
 
 
-def attn_implementation(cfg: Config) -> str:
-    if cfg.attn != "auto":
-        return cfg.attn
-    try:
-        import flash_attn  # noqa: F401
+def attn_implementation(cfg: Config) -> tuple[str, ...]:
+    """The attention implementations to try, best first; the loaders take the first one the model accepts.
 
-        return "flash_attention_2" if torch.cuda.is_available() else "eager"
-    except Exception:  # noqa: BLE001
-        return "eager"  # GPT-J in transformers has no SDPA path
+    ``--attn X``: X only. ``auto``: ``flash_attention_2`` on CUDA when ``flash_attn`` imports, then ``sdpa``
+    (PyTorch's fused attention), then ``eager``. Whether a model supports one is asked of transformers itself:
+    ``from_pretrained`` refuses an implementation the model lacks with a ValueError (``load_causal_lm``)."""
+    if cfg.attn != "auto":
+        return (cfg.attn,)
+    order = ("sdpa", "eager")
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            order = ("flash_attention_2", *order)
+        except Exception:  # noqa: BLE001 - absent or broken build: sdpa then
+            pass
+    return order
 
 
 def build_models(cfg: Config, d: Dist, log) -> Models:
