@@ -8,10 +8,13 @@ setup(
     packages=find_packages(include=["apa_fast", "apa_fast.*", "kernels", "kernels.*", "train", "train.*"]),
     include_package_data=True,
     package_data={"train": ["data/*", "data/**/*"]},
+    # Ranges; the versions CI tested are pinned in constraints.txt (README: "Pinned versions"). Upper bounds
+    # where the code relies on a library's behaviour: FSDP2 / DCP (torch), the Triton language (triton), and
+    # transformers' loading, attention selection and generate (transformers; `dtype=` needs 4.56).
     install_requires=[
-        "torch>=2.6",
-        "triton>=3.0",
-        "transformers>=4.45",
+        "torch>=2.6,<3",
+        "triton>=3.0,<4",
+        "transformers>=4.56,<6",
         "datasets>=2.18",
         "tokenizers>=0.19",
         "safetensors>=0.4",

@@ -92,6 +92,8 @@ class TokenLoss:
     def part(self, x: Tensor, sl: slice) -> Tensor:
         """The loss's share from the tokens ``sl`` (``x`` holds just those)."""
         aux = {k: v[sl] for k, v in self.aux.items()}
+        if self.mask is not None:  # masked positions of x too: a NaN there must not reach the gradient
+            x = torch.where(self.mask[sl], x, 0.0)
         l = self.fn(x, **aux, **self.consts)
         if self.mask is not None:
             l = torch.where(self.mask[sl], l, 0.0)

@@ -36,6 +36,19 @@ def test_awr_formula_clamp_and_overflow():
         apa_fast.awr_loss(logp, adv * 1e4, m)
 
 
+def test_awr_works_in_the_inputs_precision():
+    """float64 in, float64 weights: exact to 1e-12, and exp(90) (finite in float64) is not an overflow."""
+    logp = torch.tensor([[-1.0]], dtype=torch.float64)
+    adv = torch.tensor([[0.123456789012345]], dtype=torch.float64)
+    m = torch.ones(1, 1, dtype=torch.bool)
+    loss = apa_fast.awr_loss(logp, adv, m, lam=0.1)
+    assert loss.dtype == torch.float64
+    want = -(logp * torch.exp(adv / 0.1)).sum()  # float64 formula: 3.4368930843...
+    assert abs(float(loss) - float(want)) < 1e-12, (float(loss), float(want))
+    big = apa_fast.awr_loss(logp, torch.full((1, 1), 9.0, dtype=torch.float64), m, lam=0.1)
+    torch.testing.assert_close(big, torch.exp(torch.tensor(90.0, dtype=torch.float64)), rtol=1e-12, atol=0)
+
+
 def test_ppo_formula_and_gradient():
     logp, old, adv, m = _tok(1)
     lp = logp.clone().requires_grad_()
@@ -56,6 +69,23 @@ def test_value_loss_plain_and_clipped():
     torch.testing.assert_close(apa_fast.value_loss(v, ret, m, old_values=old, clip=0.2), by_hand)
     with pytest.raises(ValueError, match="old_values"):
         apa_fast.value_loss(v, ret, m, clip=0.2)
+
+
+@pytest.mark.parametrize("clipped", [False, True])
+def test_value_loss_masked_positions_get_exactly_zero_gradient(clipped):
+    """NaN / inf at masked positions (returns, old values, values) reach neither the loss nor the gradient."""
+    v = torch.tensor([[0.5, 0.2, float("inf")]], dtype=torch.float64, requires_grad=True)
+    ret = torch.tensor([[1.0, float("nan"), 2.0]], dtype=torch.float64)
+    old = torch.tensor([[0.4, float("nan"), float("-inf")]], dtype=torch.float64)
+    m = torch.tensor([[1, 0, 0]])
+    kw = dict(old_values=old, clip=0.2) if clipped else {}
+    loss = apa_fast.value_loss(v, ret, m, **kw)
+    loss.backward()
+    # one valid position: 0.5 * (V - R)^2 (clipped: V=0.5 is within 0.4 +- 0.2, so the same)
+    assert loss.item() == pytest.approx(0.125, abs=1e-12)
+    assert torch.isfinite(v.grad).all(), v.grad
+    assert v.grad[0, 0].item() == pytest.approx(-0.5, abs=1e-12)
+    assert torch.equal(v.grad[0, 1:], torch.zeros(2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("fn", ["awr", "ppo", "value"])

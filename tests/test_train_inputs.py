@@ -80,28 +80,44 @@ def test_gptj_reward_converter_round_trip(tmp_path):
         h = body(input_ids=ids, attention_mask=am).last_hidden_state
         want = torch.stack([h[0, 5] @ sd["v_head.weight"][0], h[1, 4] @ sd["v_head.weight"][0]])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    # through the trainer's reward path: prompt + completion + EOS, read at the token before that EOS
-    reward = load_reward(str(tmp_path / "hf_ckpt.pt"), policy_config=config, tokenizer=tok, device="cpu",
-                         dtype=torch.float32, trust_remote_code=False)
-    assert isinstance(reward, GPTJRawReward)
-    s = reward(["1+2=", "12+3="], ["3", "15"])
+    # read at the first EOS itself, as the authors' RL scripts do
+    at_eos = convert_gptj_reward_checkpoint(tmp_path / "hf_ckpt.pt", config, read_at="eos")
+    with torch.no_grad():
+        want_eos = torch.stack([h[0, 6] @ sd["v_head.weight"][0], h[1, 5] @ sd["v_head.weight"][0]])
+    torch.testing.assert_close(at_eos(ids, am, eos), want_eos, atol=1e-5, rtol=1e-5)
+    # through the trainer's reward path: prompt + completion + EOS, read at the token before that EOS (default)
+    # or at that EOS
     with torch.no_grad():
         e = tok(["1+2=3<eos>"], return_tensors="pt")
         h = body(**e).last_hidden_state
-    assert s[0] == pytest.approx(float(h[0, -2] @ sd["v_head.weight"][0]), abs=1e-5)
-    assert len(s) == 2 and all(isinstance(x, float) for x in s)
+    for at, pos in (("before_eos", -2), ("eos", -1)):
+        reward = load_reward(str(tmp_path / "hf_ckpt.pt"), policy_config=config, tokenizer=tok, device="cpu",
+                             dtype=torch.float32, trust_remote_code=False, **({} if at == "before_eos" else
+                                                                             {"gptj_reward_at": at}))
+        assert isinstance(reward, GPTJRawReward)
+        s = reward(["1+2=", "12+3="], ["3", "15"])
+        assert s[0] == pytest.approx(float(h[0, pos] @ sd["v_head.weight"][0]), abs=1e-5), at
+        assert len(s) == 2 and all(isinstance(x, float) for x in s)
 
 
 def test_gptj_reward_converter_rejects_other_checkpoints(tmp_path):
     from train.rewards import convert_gptj_reward_checkpoint
 
-    _, config = _tiny_gptj_config()
+    tok, config = _tiny_gptj_config()
     torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "x.pt")
     with pytest.raises(LoadError, match="not a GPT-J reward checkpoint"):
         convert_gptj_reward_checkpoint(tmp_path / "x.pt", config)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(LoadError, match="weights_only=True"):
         convert_gptj_reward_checkpoint(tmp_path / "junk.pt", config)
+    # a GPT-J reward checkpoint of another width, or with a block missing: one line naming the misfit
+    _raw_rm_checkpoint(tmp_path / "wide.pt", tiny_config(tok, n_embd=64))
+    with pytest.raises(LoadError, match="does not fit a GPT-J of this config"):
+        convert_gptj_reward_checkpoint(tmp_path / "wide.pt", config)
+    sd = _raw_rm_checkpoint(tmp_path / "short.pt", config)
+    torch.save({k: v for k, v in sd.items() if not k.startswith("transformer.h.1.")}, tmp_path / "short.pt")
+    with pytest.raises(LoadError, match=r"does not fit a GPT-J of this config: missing \['transformer\.h\.1\."):
+        convert_gptj_reward_checkpoint(tmp_path / "short.pt", config)
 
 
 def test_function_reward_and_arith_reward():
@@ -216,6 +232,23 @@ def test_gptj_like_setup_end_to_end(tmp_path, capsys):
         rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
         assert len(rows) == 2 and all(r["reward_nan"] == 0 for r in rows)
         assert (out / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("at", ["before_eos", "eos"])
+def test_gptj_reward_at_flag_reaches_the_reward_model(tmp_path, at):
+    from train.rewards import convert_gptj_reward_checkpoint
+
+    policy = make_tiny_model(tmp_path / "sft", pad_is_eos=True)
+    tok, config = _tiny_gptj_config()
+    _raw_rm_checkpoint(tmp_path / "hf_ckpt.pt", config)
+    extra = ("--gptj-reward-at", at) if at == "eos" else ()  # before_eos: the default
+    cfg = cfg_for(policy, tmp_path / "o", "--reward-model", str(tmp_path / "hf_ckpt.pt"), *extra)
+    m = R.build_models(cfg, R.Dist(), print)
+    assert m.reward.model.read_at == at
+    ids = tok(["1+2=3<eos>"], return_tensors="pt")["input_ids"]
+    want = convert_gptj_reward_checkpoint(tmp_path / "hf_ckpt.pt", config, read_at=at)(ids, torch.ones_like(ids),
+                                                                                      tok.eos_token_id)
+    assert m.reward(["1+2="], ["3"]) == pytest.approx(want.tolist(), abs=1e-5)
 
 
 def test_unfrozen_layers_trains_only_the_top_blocks(tmp_path):

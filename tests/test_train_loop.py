@@ -33,8 +33,9 @@ def _experience(m, cfg, d, n=8):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("backend", ["auto", "eager"])
-def test_generation_logprobs_equal_training_logprobs(tiny, tmp_path, temperature, backend):
-    cfg, d, m = _models(tiny, tmp_path, "--temperature", str(temperature), "--kernel-backend", backend)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_generation_logprobs_equal_training_logprobs(tiny, tmp_path, temperature, backend, attn):
+    cfg, d, m = _models(tiny, tmp_path, "--temperature", str(temperature), "--kernel-backend", backend, "--attn", attn)
     torch.manual_seed(1)
     ro, b = experience(m, cfg, d, R.load_prompts(cfg.dataset, "train", "prompt")[:8], sampling_logprobs=True)
     assert b.prompt_len > 1 and (b.attention_mask[:, 0] == 0).any(), "the batch should contain left padding"

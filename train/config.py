@@ -25,6 +25,10 @@ class Config:
                                   "checkpoint (a .pt state dict of transformer.* + v_head.weight, or a repo/dir holding "
                                   "one, e.g. Dahoas/gptj-rm-static), or a Python function 'module:function' "
                                   "(prompts, completions) -> list of floats. Default: the preset's")
+    gptj_reward_at: str = _f("before_eos", "where a raw GPT-J reward checkpoint reads its score: at the token before "
+                             "the first EOS ('before_eos': as the authors' reward-model training code, so as the model "
+                             "was trained) or at that EOS ('eos': as the authors' RL scripts)",
+                             choices=["before_eos", "eos"])
     dataset: str | None = _f(None, "prompts: a HF dataset id, a local dir, or a .json/.jsonl/.csv/.parquet file with a "
                              "'prompt' column. Default: the preset's")
     dataset_split: str = _f("train", "split of --dataset to read prompts from")
@@ -83,8 +87,8 @@ class Config:
     kernel_backend: str = _f("auto", "log-prob/APA kernels from hidden states: auto | torch | triton | reference "
                              "(apa_fast), or eager (materialise logits with lm_head + log_softmax)",
                              choices=["auto", "torch", "triton", "reference", "eager"])
-    attn: str = _f("auto", "attention: auto (flash_attention_2 when flash_attn imports, else eager), eager, "
-                   "flash_attention_2, sdpa")
+    attn: str = _f("auto", "attention: auto (flash_attention_2 on CUDA when flash_attn imports, else sdpa where "
+                   "the model supports it, else eager), eager, flash_attention_2, sdpa")
     trust_remote_code: bool = _f(False, "allow models' own code from the Hub (off unless asked)")
     # outputs
     out: str = _f("", "run directory (metrics.jsonl, samples.jsonl, plot, checkpoints, final/); default runs/<algo>-<time>")

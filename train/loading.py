@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import LoadError
@@ -46,19 +47,35 @@ def check_model_source(name: str, what: str = "model", size_hint: str = "") -> N
     )
 
 
-def load_causal_lm(name: str, *, dtype, attn: str, trust_remote_code: bool, what: str = "policy"):
+def from_pretrained_with_attn(auto_cls, name: str, attn: str | Sequence[str], **kw):
+    """``auto_cls.from_pretrained(name, attn_implementation=a, **kw)`` with the first ``a`` of ``attn`` the model takes.
+
+    transformers refuses an attention implementation that the model class lacks (or whose package is missing)
+    with a ValueError (ImportError) while building the model, before it reads weights, so trying the next one is
+    cheap; the error of the last one propagates."""
+    choices = (attn,) if isinstance(attn, str) else tuple(attn)
+    for i, a in enumerate(choices):
+        try:
+            return auto_cls.from_pretrained(name, attn_implementation=a, **kw)
+        except (ValueError, ImportError):
+            if i == len(choices) - 1:
+                raise
+    raise ValueError("no attention implementation to try")
+
+
+def load_causal_lm(name: str, *, dtype, attn: str | Sequence[str], trust_remote_code: bool, what: str = "policy"):
+    """A causal LM with the first attention implementation of ``attn`` (a name, or names best first) it supports."""
     from transformers import AutoModelForCausalLM
 
     check_model_source(name, what)
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code
-        )
+        return from_pretrained_with_attn(AutoModelForCausalLM, name, attn, dtype=dtype,
+                                         trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - turned into one line for the user
         raise LoadError(f"cannot load {what} {name!r} as a causal LM: {_first_line(e)}") from None
 
 
-def load_base_model(name: str, *, dtype, attn: str, trust_remote_code: bool):
+def load_base_model(name: str, *, dtype, attn: str | Sequence[str], trust_remote_code: bool):
     """The transformer without its LM head (the critic's body)."""
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
@@ -66,7 +83,7 @@ def load_base_model(name: str, *, dtype, attn: str, trust_remote_code: bool):
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the LM head's weights are unused here on purpose: no load report
     try:
-        return AutoModel.from_pretrained(name, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code)
+        return from_pretrained_with_attn(AutoModel, name, attn, dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"cannot load the critic's body from {name!r}: {_first_line(e)}") from None
     finally:

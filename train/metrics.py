@@ -80,7 +80,8 @@ def _smooth(y: list[float], k: int = 5) -> list[float]:
 
 
 def plot_runs(runs: dict[str, list[dict]], png: Path, title: str = "") -> None:
-    """Reward and KL (sqrt of mean k3, the paper's plotted KL) against steps: the form of Fig. 1."""
+    """Reward and KL (``kl_sqrt_k3``: sqrt of the mean k3 over response tokens) against steps: the form of the
+    paper's Fig. 1, though not its KL quantity (see ``run.iteration_metrics``)."""
     import matplotlib
 
     matplotlib.use("Agg")

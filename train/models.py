@@ -192,15 +192,23 @@ class Models:
     reward: object  # (prompts, completions) -> list of floats
 
 
-def attn_implementation(attn: str) -> str:
-    if attn != "auto":
-        return attn
-    try:
-        import flash_attn  # noqa: F401
+def attn_implementation(attn: str) -> tuple[str, ...]:
+    """The attention implementations to try, best first; the loaders take the first one the model accepts.
 
-        return "flash_attention_2" if torch.cuda.is_available() else "eager"
-    except Exception:  # noqa: BLE001
-        return "eager"  # GPT-J in transformers has no SDPA path
+    ``--attn X``: X only. ``auto``: ``flash_attention_2`` on CUDA when ``flash_attn`` imports, then ``sdpa``
+    (PyTorch's fused attention), then ``eager``. Whether a model supports one is asked of transformers itself:
+    ``from_pretrained`` refuses an implementation the model lacks with a ValueError (``load_causal_lm``)."""
+    if attn != "auto":
+        return (attn,)
+    order = ("sdpa", "eager")
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            order = ("flash_attention_2", *order)
+        except Exception:  # noqa: BLE001 - absent or broken build: sdpa then
+            pass
+    return order
 
 
 def build_models(cfg, d, log) -> Models:
@@ -252,7 +260,7 @@ def build_models(cfg, d, log) -> Models:
 
     reward = load_reward(cfg.reward_model, policy_config=lm.config, tokenizer=tokenizer,
                          device=d.device if d.mesh is None else torch.device("cpu"), dtype=frozen_dtype,
-                         trust_remote_code=cfg.trust_remote_code)
+                         trust_remote_code=cfg.trust_remote_code, gptj_reward_at=cfg.gptj_reward_at)
     rm = getattr(reward, "model", None)  # a reward model (not a function): sharded like the frozen policy
     if isinstance(rm, nn.Module) and d.mesh is not None:
         shard(rm, d.mesh, None)

@@ -5,10 +5,19 @@ NaN here; the trainer reports them and drops those samples from the loss (``scor
 
 The paper's reward model (``Dahoas/gptj-rm-static``) is not a transformers checkpoint: it is a raw
 ``torch.save``d state dict of a GPT-J ``transformer`` (keys ``transformer.*``) plus a bias-free
-``v_head = Linear(n_embd, 1)``. The text is scored with an EOS appended, and, as in the authors' code
-(``c_ind = first index of PAD(=EOS); score = rewards[c_ind - 1]``), the score is the head's output at the
-last token before that first EOS.
-``convert_gptj_reward_checkpoint`` loads it (``weights_only=True``) into ``GPTJRewardModel``.
+``v_head = Linear(n_embd, 1)``. The text is scored with an EOS appended. Where the score is read
+(``--gptj-reward-at``):
+
+- ``before_eos`` (default): the head's output at the last token before the first EOS, as the authors'
+  reward-model *training* code reads it (``c_ind = first index of PAD(=EOS); score = rewards[c_ind - 1]``),
+  so the model is queried where it was trained;
+- ``eos``: at the first EOS itself, as the reward function of the authors' RL scripts reads it
+  (``examples/apa_hh.py`` / ``sppo_hh.py``: ``argmax(input_ids == eos)``).
+
+``convert_gptj_reward_checkpoint`` loads it (``weights_only=True``) through transformers' public loading
+path (``GPTJModel.from_pretrained(None, config=..., state_dict=...)``: built on the meta device, no random
+initialisation of the 6B weights, non-persistent buffers set by transformers itself) plus a plain
+``nn.Linear`` head.
 """
 
 from __future__ import annotations
@@ -74,27 +83,29 @@ class HFRewardModel:
         return self.model(**enc).logits[:, 0].float().cpu().tolist()
 
 
+GPTJ_REWARD_AT = ("before_eos", "eos")
+
+
 class GPTJRewardModel(nn.Module):
-    """The APA authors' GPT-J reward model: a GPT-J transformer and a bias-free scalar head, read where the
-    text ends (the position just before the first EOS)."""
+    """The APA authors' GPT-J reward model: a GPT-J transformer and a bias-free scalar head, read at the first EOS
+    (``read_at="eos"``) or at the token before it (``"before_eos"``, the default)."""
 
-    def __init__(self, config):
+    def __init__(self, transformer: nn.Module, v_head: nn.Linear, read_at: str = "before_eos"):
         super().__init__()
-        from transformers import GPTJModel
-
-        self.config = config
-        self.transformer = GPTJModel(config)
-        self.v_head = nn.Linear(config.n_embd, 1, bias=False)
+        if read_at not in GPTJ_REWARD_AT:
+            raise ValueError(f"read_at must be one of {GPTJ_REWARD_AT}, got {read_at!r}")
+        self.transformer, self.v_head, self.read_at = transformer, v_head, read_at
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, eos_token_id: int) -> Tensor:
-        """Right-padded ``input_ids`` that end with an EOS. As the authors' ``rewards[c_ind - 1]``: the score at
-        the token before the first EOS (the last token when a row has no EOS)."""
+        """Right-padded ``input_ids`` that end with an EOS: the score at the first EOS, or the token before it
+        (the authors' ``rewards[c_ind - 1]``); the last token when a row has no EOS."""
         h = self.transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         r = self.v_head(h).squeeze(-1)
         is_eos = (input_ids == eos_token_id) & attention_mask.bool()
         T = input_ids.shape[1]
         last = attention_mask.long().sum(-1) - 1
-        end = torch.where(is_eos.any(-1), is_eos.float().argmax(-1) - 1, last)
+        shift = 1 if self.read_at == "before_eos" else 0
+        end = torch.where(is_eos.any(-1), is_eos.float().argmax(-1) - shift, last)
         return r.gather(1, end.clamp(0, T - 1).unsqueeze(1)).squeeze(1).float()
 
 
@@ -122,8 +133,16 @@ def find_raw_checkpoint(name: str) -> Path | None:
     return None
 
 
-def convert_gptj_reward_checkpoint(path: str | Path, config) -> GPTJRewardModel:
-    """Load the raw GPT-J reward state dict (``transformer.*`` + ``v_head.weight``) into ``GPTJRewardModel``."""
+def convert_gptj_reward_checkpoint(path: str | Path, config, *, dtype: torch.dtype | None = None,
+                                   read_at: str = "before_eos") -> GPTJRewardModel:
+    """Load the raw GPT-J reward state dict (``transformer.*`` + ``v_head.weight``) into ``GPTJRewardModel``.
+
+    The body goes through ``GPTJModel.from_pretrained(None, config=config, state_dict=...)``: transformers builds
+    it on the meta device and fills it from the (memory-mapped) state dict, cast to ``dtype`` tensor by tensor, so
+    the 24 GB checkpoint is never copied into a randomly initialised model."""
+    from transformers import GPTJModel
+    from transformers.utils import logging as hf_logging
+
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001
@@ -133,27 +152,36 @@ def convert_gptj_reward_checkpoint(path: str | Path, config) -> GPTJRewardModel:
     sd = {k.removeprefix("module.").removeprefix("model."): v for k, v in sd.items()}
     if "v_head.weight" not in sd or not any(k.startswith("transformer.") for k in sd):
         raise LoadError(f"{str(path)!r} is not a GPT-J reward checkpoint: expected keys transformer.* and v_head.weight")
-    sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # old causal-mask buffers
-    with torch.device("meta"):
-        model = GPTJRewardModel(config)
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    missing = [k for k in missing if not k.endswith("embed_positions")]
-    if missing or unexpected:
+    old_buffers = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers that older transformers saved
+    body = {k.removeprefix("transformer."): v for k, v in sd.items()
+            if k.startswith("transformer.") and not k.endswith(old_buffers)}
+    unexpected = [k for k in sd if not k.startswith("transformer.") and k != "v_head.weight"]
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a misfit is reported below in one line, not as transformers' load table
+    try:
+        transformer, info = GPTJModel.from_pretrained(None, config=config, state_dict=body, dtype=dtype,
+                                                      output_loading_info=True)
+    except Exception as e:  # noqa: BLE001 - e.g. a shape that does not fit this config
+        raise LoadError(f"{str(path)!r} does not fit a GPT-J of this config: {_first_line(e)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(f"transformer.{k}" for k in info["missing_keys"])  # named as in the checkpoint
+    unexpected += sorted(f"transformer.{k}" for k in info["unexpected_keys"])
+    if missing or unexpected or info["mismatched_keys"]:
         raise LoadError(f"{str(path)!r} does not fit a GPT-J of this config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    # non-persistent buffers (rotary tables) are rebuilt on CPU
-    for mod in model.modules():
-        if hasattr(mod, "embed_positions") and mod.embed_positions.is_meta:
-            from transformers.models.gptj.modeling_gptj import create_sinusoidal_positions
-
-            mod.embed_positions = create_sinusoidal_positions(config.max_position_embeddings, mod.rotary_dim or mod.embed_dim)
-    return model.eval()
+    v_head = nn.Linear(config.n_embd, 1, bias=False, dtype=dtype)
+    try:
+        v_head.load_state_dict({"weight": sd["v_head.weight"]})
+    except RuntimeError as e:
+        raise LoadError(f"{str(path)!r} does not fit a GPT-J of this config: v_head.weight: {_first_line(e)}") from None
+    return GPTJRewardModel(transformer, v_head, read_at).eval()
 
 
 class GPTJRawReward:
     """Scores ``prompt + completion + EOS`` with a converted GPT-J reward checkpoint."""
 
-    def __init__(self, path: Path, config, tokenizer, device, dtype):
-        self.model = convert_gptj_reward_checkpoint(path, config).to(device=device, dtype=dtype)
+    def __init__(self, path: Path, config, tokenizer, device, dtype, read_at: str = "before_eos"):
+        self.model = convert_gptj_reward_checkpoint(path, config, dtype=dtype, read_at=read_at).to(device)
         self.model.requires_grad_(False)
         self.tok, self.device, self.name = tokenizer, device, str(path)
 
@@ -170,15 +198,17 @@ class GPTJRawReward:
         return self.model(enc["input_ids"], enc["attention_mask"], self.tok.eos_token_id).cpu().tolist()
 
 
-def load_reward(spec: str, *, policy_config, tokenizer, device, dtype, trust_remote_code: bool):
-    """A callable ``(prompts, completions) -> list[float]`` from ``--reward-model``."""
+def load_reward(spec: str, *, policy_config, tokenizer, device, dtype, trust_remote_code: bool,
+                gptj_reward_at: str = "before_eos"):
+    """A callable ``(prompts, completions) -> list[float]`` from ``--reward-model``; ``gptj_reward_at`` is where a
+    raw GPT-J reward checkpoint is read (``before_eos`` or ``eos``, see the module docstring)."""
     if ":" in spec and not Path(spec).exists() and "/" not in spec.partition(":")[0]:
         return FunctionReward(spec)
     raw = find_raw_checkpoint(spec)
     if raw is not None:
         if getattr(policy_config, "model_type", None) != "gptj":
             raise LoadError(f"the raw GPT-J reward checkpoint {spec!r} needs a GPT-J config; use a GPT-J policy")
-        return GPTJRawReward(raw, policy_config, tokenizer, device, dtype)
+        return GPTJRawReward(raw, policy_config, tokenizer, device, dtype, read_at=gptj_reward_at)
     return HFRewardModel(spec, device, dtype, trust_remote_code)
 
 

@@ -72,6 +72,7 @@ class Experience:
     logp_init: Tensor | None  # frozen initial policy (None: not needed, GRPO with --kl-loss-coef 0)
     entropy: Tensor
     advantages: Tensor  # GAE, whitened; or the sequence's group advantage on each of its tokens
+    rewards: Tensor | None  # GAE's token rewards: the scaled score on the last token, PPO's KL penalty
     values: Tensor | None  # the critic's (None: --critic none)
     returns: Tensor | None
     group_zero_std_frac: float | None = None  # groups whose scores were all equal (group advantages)
@@ -147,7 +148,7 @@ def make_experience(m: Models, ro: Rollout, scores: Tensor, scaled: Tensor, cfg:
     pol = m.policy(*args, entropy=True, values=shared, temperature=cfg.temperature, backend=cfg.kernel_backend)
     values = pol.values if shared else None if m.critic is None else m.critic(*args[:3], ro.prompt_len - 1, labels.shape[1])
     logp_init = None if m.ref is None else m.ref(*args, temperature=cfg.temperature, backend=cfg.kernel_backend).logprobs
-    returns, zero_frac = None, None
+    rewards, returns, zero_frac = None, None, None
     if cfg.advantage == "group":  # critic-free: each sequence's score against its group's, on all its tokens
         G = cfg.samples_per_prompt
         A = apa_fast.group_advantages(scaled, G, std=cfg.group_std, baseline=cfg.group_baseline)
@@ -163,8 +164,8 @@ def make_experience(m: Models, ro: Rollout, scores: Tensor, scaled: Tensor, cfg:
         rewards[torch.arange(len(scaled), device=rewards.device), last] += torch.where(mask.any(-1), scaled, 0.0)
         A, returns = apa_fast.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.gae_lam)
         A = apa_fast.masked_whiten(A, mask, process_group=d.group)  # over the valid tokens of all ranks
-    return Experience(*args[:3], ro.prompt_len, labels, mask, scores, pol.logprobs, logp_init, pol.entropy, A, values,
-                      returns, zero_frac)
+    return Experience(*args[:3], ro.prompt_len, labels, mask, scores, pol.logprobs, logp_init, pol.entropy, A, rewards,
+                      values, returns, zero_frac)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,7 +285,18 @@ class Progress:
 
 
 def iteration_metrics(b: Experience, cfg: Config, d: Dist) -> dict:
-    """Global (all-rank) reward, KL (k1 and sqrt(mean k3)) and entropy of one rollout batch."""
+    """Global (all-rank) reward, KL and entropy of one rollout batch, over the response tokens only.
+
+    ``kl`` (k1): per sequence ``sum_t (logp - logp_init)``, averaged over sequences. ``kl_sqrt_k3``:
+    ``sqrt(mean_t k3)``, ``k3 = exp(x) - 1 - x``, ``x = logp_init - logp``, the mean over all response tokens
+    (k3 is an unbiased, non-negative per-token estimator of KL(pi || pi_init)).
+
+    Neither is the APA authors' plotted ``policy/sqrt_kl``: that is the square root of the mean of
+    ``exp(lr) - 1 - lr`` with ``lr = logp - logp_init`` (the other ratio: its expectation under pi is
+    chi^2(pi || pi_init) - KL(pi || pi_init), not a KL) over every position of the (B, T-1) tensor, prompt
+    tokens and padding (0 there) included, so it also moves with prompt length and padding. It is not
+    computed here: it needs both models' log-probs at the prompt positions, which the fused head never forms.
+    """
     finite = torch.isfinite(b.scores)
     scores = torch.where(finite, b.scores, 0.0)
     m = b.mask.float()
