@@ -12,6 +12,7 @@ import torch
 from train_fixtures import REPO, cfg_for, experience, make_tiny_model, run_trainer, tiny_args
 
 from train import run as R
+from train.errors import LoadError
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,12 @@ def _experience(m, cfg, d, n=8):
 @pytest.mark.parametrize("backend", ["auto", "eager"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_generation_logprobs_equal_training_logprobs(tiny, tmp_path, temperature, backend, attn):
-    cfg, d, m = _models(tiny, tmp_path, "--temperature", str(temperature), "--kernel-backend", backend, "--attn", attn)
+    try:
+        cfg, d, m = _models(tiny, tmp_path, "--temperature", str(temperature), "--kernel-backend", backend, "--attn", attn)
+    except LoadError:
+        if attn == "eager":
+            raise
+        pytest.skip("this transformers' GPT-J has no SDPA path (the pinned one has)")
     torch.manual_seed(1)
     ro, b = experience(m, cfg, d, R.load_prompts(cfg.dataset, "train", "prompt")[:8], sampling_logprobs=True)
     assert b.prompt_len > 1 and (b.attention_mask[:, 0] == 0).any(), "the batch should contain left padding"
