@@ -306,13 +306,26 @@ def _tiny_hf_model(path: Path, model_type: str, **extra) -> Path:
     return path
 
 
-def test_a_head_that_post_processes_logits_is_refused_in_one_line(tmp_path, capsys):
-    """Granite divides its logits by logits_scaling after the head: refused with one line, never a crash
-    (it used to end in TypeError: unsupported operand type(s) for /: 'dict' and 'float')."""
+def test_a_scaled_head_trains_with_exact_logprobs(tmp_path, capsys):
+    """Granite divides its logits by logits_scaling after the head (it used to end in TypeError: unsupported
+    operand type(s) for /: 'dict' and 'float'): the scale is folded into the temperature, and the log-probs
+    the training forward computes equal the sampler's (logp_mismatch at each evaluation)."""
     path = _tiny_hf_model(tmp_path / "granite", "granite", logits_scaling=4.0, tie_word_embeddings=False)
+    out = tmp_path / "out"
+    args = tiny_args(path, out, "--steps", "2", "--no-plot", "--no-export", "--temperature", "0.7")
+    args[args.index("--eval-every") + 1] = "1"
+    assert R.main(args) == 0, capsys.readouterr().err[-2000:]
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0 <= r["logp_mismatch"] < 1e-5 for r in rows), [r["logp_mismatch"] for r in rows]
+
+
+def test_a_soft_capped_head_is_refused_in_one_line(tmp_path, capsys):
+    """Gemma 2 soft-caps its logits after the head: refused with one line, never trained on wrong log-probs."""
+    path = _tiny_hf_model(tmp_path / "gemma2", "gemma2", head_dim=16, final_logit_softcapping=0.5,
+                          tie_word_embeddings=False)
     capsys.readouterr()  # the save's progress bar
     line = _main_error(tiny_args(path, tmp_path / "out"), capsys)
-    assert "GraniteForCausalLM transforms its logits after the LM head" in line
+    assert "Gemma2ForCausalLM soft-caps its logits (final_logit_softcapping=0.5)" in line
 
 
 def test_tied_head_trains_and_exports_tied(tmp_path, capsys):

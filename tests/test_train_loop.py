@@ -120,7 +120,8 @@ def test_one_to_two_ranks_same_parameters(tiny, tmp_path, extra):
 
 def _rows(out: Path) -> list[dict]:
     drop = {"tokens_per_s", "iter_s", "max_mem_gb", "max_rss_gb"}  # measured, not computed
-    return [{k: v for k, v in json.loads(ln).items() if k not in drop} for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in json.loads(ln).items() if k not in drop and not k.startswith("time_") and k != "logp_mismatch"}
+            for ln in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_end_to_end_kill_resume_and_export(tiny, tmp_path):
@@ -142,7 +143,13 @@ def test_end_to_end_kill_resume_and_export(tiny, tmp_path):
     row = a[0]
     for k in ("step", "reward_mean", "kl", "kl_sqrt_k3", "loss", "entropy"):
         assert k in row and math.isfinite(row[k])
-    assert "tokens_per_s" in json.loads((full / "metrics.jsonl").read_text().splitlines()[0])
+    first = json.loads((full / "metrics.jsonl").read_text().splitlines()[0])
+    phases = [first[f"time_{k}"] for k in ("rollout", "score", "experience", "update")]
+    assert "tokens_per_s" in first and all(x > 0 for x in phases) and sum(phases) <= first["iter_s"] * 1.0001
+    rows = [json.loads(ln) for ln in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "logp_mismatch" in r] == [2, 4]  # each evaluation
+    assert all(0 <= r["logp_mismatch"] < 1e-4 for r in rows if "logp_mismatch" in r)
+    assert first["time_checkpoint"] == 0 and json.loads((full / "metrics.jsonl").read_text().splitlines()[2])["time_checkpoint"] > 0
     assert (full / "plot.png").stat().st_size > 1000
     assert (full / "samples.jsonl").exists()
     # the export: safetensors, loadable as a plain causal LM, equal to the trained policy

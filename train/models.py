@@ -56,9 +56,9 @@ class Policy(nn.Module):
     """A causal LM whose response tokens are scored from hidden states by apa_fast (optionally with a value
     head on the same hidden states: ``--critic shared``)."""
 
-    def __init__(self, lm: nn.Module, value_head: bool = False):
+    def __init__(self, lm: nn.Module, value_head: bool = False, logit_scale: float = 1.0):
         super().__init__()
-        self.lm = lm
+        self.lm, self.logit_scale = lm, logit_scale
         self.v_head = ValueHead(lm.config.get_text_config().hidden_size).to(lm.device) if value_head else None
 
     @property
@@ -73,6 +73,7 @@ class Policy(nn.Module):
         With ``loss`` (a per-token loss of the log-probs, ``apa_fast.losses``) returns that loss, fused;
         otherwise the log-probs (and entropy). ``backend="eager"`` builds the logits: the baseline."""
         h = _final_hidden(self.lm.base_model, input_ids, attention_mask, position_ids)[:, start : start + labels.shape[1]]
+        temperature = temperature / self.logit_scale  # a head's scaling, folded into the softmax's temperature
         head = self.lm.get_output_embeddings()
         w, b = head.weight, head.bias
         out = TokenScores(values=self.v_head(h) if values else None)
@@ -108,23 +109,31 @@ class Critic(nn.Module):
 
 
 @torch.no_grad()
-def check_plain_head(lm: nn.Module) -> None:
-    """Refuse a model whose logits are not ``hidden @ W.T + b`` of its final hidden states (soft-capping,
-    scaling): the fused op would compute other log-probs than the model samples from. One tiny forward
-    of both, compared, so that no list of model names is needed."""
+def head_logit_scale(lm: nn.Module) -> float:
+    """The factor ``s`` with ``logits = s * (hidden @ W.T + b)``: 1 for a plain head; Granite's
+    ``1 / logits_scaling`` and Cohere's ``logit_scale`` are read from the config and folded into the
+    temperature (``softmax(s z / tau) = softmax(z / (tau / s))``, exact). One tiny forward compares the
+    model's own logits with ``s`` times the head applied to its hidden states; a model that does anything
+    else after its head (Gemma 2's soft-capping, ...) is refused with one line, never trained on wrong
+    log-probs."""
     head = lm.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise LoadError(f"{type(lm).__name__}: its output layer is {type(head).__name__}, not a Linear LM head")
+    c = lm.config.get_text_config()
+    s = 1.0 / float(getattr(c, "logits_scaling", None) or 1.0) * float(getattr(c, "logit_scale", None) or 1.0)
     ids = torch.arange(min(4, head.out_features), device=head.weight.device).unsqueeze(0)
     mask, pos = torch.ones_like(ids), torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
     was_training = lm.training
     lm.eval()
     logits = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
-    ours = F.linear(_final_hidden(lm.base_model, ids, mask, pos), head.weight, head.bias).float()
+    ours = s * F.linear(_final_hidden(lm.base_model, ids, mask, pos), head.weight, head.bias).float()
     lm.train(was_training)
     if not torch.allclose(logits, ours, rtol=1e-3, atol=1e-3 * max(1.0, float(ours.abs().max()))):
-        raise LoadError(f"{type(lm).__name__} transforms its logits after the LM head (e.g. soft-capping or scaling); "
-                        "the fused log-probs do not support that yet, so the trainer refuses this model")
+        cap = getattr(c, "final_logit_softcapping", None)
+        what = f"soft-caps its logits (final_logit_softcapping={cap})" if cap else "transforms its logits after the LM head"
+        raise LoadError(f"{type(lm).__name__} {what}; the fused log-probs do not apply that yet, so the trainer "
+                        "refuses this model")
+    return s
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
@@ -239,9 +248,9 @@ def build_models(cfg, d, log) -> Models:
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
     # the trainable policy keeps fp32 master weights; FSDP2's MixedPrecisionPolicy computes in bf16 on GPU
     lm = load_causal_lm(path, dtype=torch.float32, attn=attn, trust_remote_code=cfg.trust_remote_code)
-    check_plain_head(lm)
+    scale = head_logit_scale(lm)
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
-    policy = Policy(lm, value_head=cfg.critic == "shared")
+    policy = Policy(lm, value_head=cfg.critic == "shared", logit_scale=scale)
     freeze_bottom(policy, cfg.unfrozen_layers)
     policy = place(policy, trainable=True)
 
@@ -249,7 +258,7 @@ def build_models(cfg, d, log) -> Models:
     if cfg.algo != "grpo" or cfg.kl_loss_coef > 0 or cfg.kl_coef != 0:
         ref_lm = load_causal_lm(path, dtype=frozen_dtype, attn=attn, trust_remote_code=cfg.trust_remote_code,
                                 what="initial policy")
-        ref = place(Policy(ref_lm).requires_grad_(False).eval())
+        ref = place(Policy(ref_lm, logit_scale=scale).requires_grad_(False).eval())
 
     critic = None
     if cfg.critic == "separate":  # the authors' separate critic: the SFT model's transformer + a scalar head

@@ -353,30 +353,41 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
     log = (lambda s: print(s, flush=True)) if d.main else (lambda s: None)
     run = setup_run(cfg, d, log)
     m, p, opt, params = run.models, run.progress, run.opt, run.params
-    done_here = 0
+    done_here, t_ckpt = 0, 0.0
     while p.step < cfg.steps:
-        t0 = time.perf_counter()
+        t = [time.perf_counter()]  # phase boundaries: rollout | score | experience | update
         ro = rollout(m, [q for q in p.sampler.next() for _ in range(cfg.samples_per_prompt)], cfg, d)
+        t.append(time.perf_counter())
         scores = score(m, ro, d, log)
         finite = d.gather(scores[torch.isfinite(scores)])
         if finite.numel() == 0:
             raise LoadError(f"every reward of iteration {p.step + 1} was NaN or not a number (e.g. "
                             f"{ro.completions[0]!r} for {ro.prompts[0]!r}); check --reward-model {cfg.reward_model}")
         p.scaler.update(finite)
+        t.append(time.perf_counter())
         beta = p.kl.beta if cfg.algo == "ppo" else cfg.kl_coef  # APA and AWR: no KL in the reward by default
         exp = make_experience(m, ro, scores, p.scaler(scores), cfg, beta, d)
+        t.append(time.perf_counter())
         losses_ = update(m, exp, cfg, d, opt, params, torch.Generator().manual_seed(cfg.seed * 7919 + p.step))
+        t.append(time.perf_counter())
         row = {"step": p.step + 1, **iteration_metrics(exp, cfg, d), **losses_}
         if cfg.algo == "ppo" and "kl" in row:
             p.kl.update(row["kl"], cfg.batch_size)
         row["beta"] = p.kl.beta if cfg.algo == "ppo" else cfg.kl_coef
+        for k, (a, b) in zip(("rollout", "score", "experience", "update"), zip(t, t[1:])):
+            row[f"time_{k}"] = b - a
+        row["time_checkpoint"] = t_ckpt  # the checkpoint written after the previous iteration (0: none)
         p.step += 1
         done_here += 1
-        run.log_row(row, time.perf_counter() - t0)
         if cfg.eval_every and (p.step % cfg.eval_every == 0 or p.step == cfg.steps):
+            row["logp_mismatch"] = logp_mismatch(m, run.eval_prompts, cfg, d)
             evaluate(m, run.eval_prompts, cfg, d, run.out, p.step, run.bar)
+        run.log_row(row, t[-1] - t[0])
+        t_ckpt = 0.0
         if cfg.save_every and p.step % cfg.save_every == 0 or p.step == cfg.steps:
+            t_ckpt = time.perf_counter()
             ckpt.save(run.out / "checkpoints", p.step, run.state, cfg.keep_checkpoints)
+            t_ckpt = time.perf_counter() - t_ckpt
         if cfg.stop_after and done_here >= cfg.stop_after and p.step < cfg.steps:
             log(f"stopping after {done_here} iterations (--stop-after); continue with --resume {run.out}")
             break
@@ -425,7 +436,9 @@ class Run:
         if self.metrics is not None:
             self.metrics.log(row)
         if self.bar is not None:
-            self.bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.3f}", refresh=False)
+            post = {"reward": f"{row['reward_mean']:.3f}", **({"kl": f"{row['kl']:.3f}"} if "kl" in row else {}),
+                    "s": "/".join(f"{row[f'time_{k}']:.2f}" for k in ("rollout", "experience", "update"))}
+            self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:
@@ -531,8 +544,27 @@ def finish(run: Run, cfg: Config, d: Dist, log) -> None:
         k = max(1, min(10, len(rows) // 4))
         first = sum(r["reward_mean"] for r in rows[:k]) / k
         last = sum(r["reward_mean"] for r in rows[-k:]) / k
-        log(f"reward (mean of the first / last {k} iterations) {first:.3f} -> {last:.3f}; final KL: k1 {rows[-1]['kl']:.3f}, "
-            f"sqrt(mean k3) {rows[-1]['kl_sqrt_k3']:.3f}; plot: {run.out / 'plot.png'}")
+        kl = (f"final KL: k1 {rows[-1]['kl']:.3f}, sqrt(mean k3) {rows[-1]['kl_sqrt_k3']:.3f}; " if "kl" in rows[-1] else "")
+        log(f"reward (mean of the first / last {k} iterations) {first:.3f} -> {last:.3f}; {kl}plot: {run.out / 'plot.png'}")
+        phases = ("rollout", "score", "experience", "update", "checkpoint")
+        mean = {ph: sum(r.get(f"time_{ph}", 0.0) for r in rows) / len(rows) for ph in phases}
+        log("time per iteration (mean s): " + ", ".join(f"{ph} {mean[ph]:.3f}" for ph in phases)
+            + f" of {sum(r['iter_s'] for r in rows) / len(rows):.3f} s")
+
+
+@torch.no_grad()
+def logp_mismatch(m: Models, prompts: list[str], cfg: Config, d: Dist) -> float:
+    """Largest |log-prob the sampler used - log-prob the training forward computes| over the sampled tokens
+    of a few prompts (all ranks): ~1e-6 in fp32; a head or position handled wrongly shows here at once. The
+    sampling runs on a forked RNG, so the run's own random stream is untouched."""
+    devices = [d.device] if d.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        ro = rollout(m, (prompts * d.world)[d.rank :: d.world] or prompts[:1], cfg, d, sampling_logprobs=True)
+    labels = torch.where(ro.mask, ro.response, -100)
+    lp = m.policy(ro.input_ids, ro.attention_mask, ro.position_ids, labels, ro.prompt_len - 1,
+                  temperature=cfg.temperature, backend=cfg.kernel_backend).logprobs
+    worst = torch.where(ro.mask, (lp - ro.logp_sample).abs(), 0.0).max()
+    return float(d.gather(worst.reshape(1)).max())
 
 
 @torch.no_grad()
