@@ -1,11 +1,11 @@
-"""Token log-probs, entropy and the fused APA loss straight from logits.
+"""Token log-probs, entropy and any per-token loss of them, straight from logits.
 
     logp = z[y]/tau - logsumexp(z/tau)              H = logsumexp(z/tau) - sum(softmax(z/tau) * z/tau)
-    L_APA = sum(m * (logp - logp_init - A/lam)^2) / sum(m)
+    token_loss:  L = sum_i m_i l(logp_i) / n         (l from apa_fast.losses; apa_loss is l = APA's)
 
 No (N, V) softmax, log-softmax or float32 copy of the logits is ever built by the ``torch`` or
-``triton`` backends: both stream the vocabulary in chunks/blocks and recompute what backward needs
-from the saved per-token log-sum-exp.
+``triton`` backends: both stream the vocabulary in chunks/blocks; the torch backend forms a loss's
+logits gradient in the forward pass, and backward of the log-probs recomputes from the saved lse.
 """
 
 from __future__ import annotations

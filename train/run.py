@@ -368,9 +368,9 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
         beta = p.kl.beta if cfg.algo == "ppo" else cfg.kl_coef  # APA and AWR: no KL in the reward by default
         exp = make_experience(m, ro, scores, p.scaler(scores), cfg, beta, d)
         t.append(time.perf_counter())
-        losses_ = update(m, exp, cfg, d, opt, params, torch.Generator().manual_seed(cfg.seed * 7919 + p.step))
+        stats = update(m, exp, cfg, d, opt, params, torch.Generator().manual_seed(cfg.seed * 7919 + p.step))
         t.append(time.perf_counter())
-        row = {"step": p.step + 1, **iteration_metrics(exp, cfg, d), **losses_}
+        row = {"step": p.step + 1, **iteration_metrics(exp, cfg, d), **stats}
         if cfg.algo == "ppo" and "kl" in row:
             p.kl.update(row["kl"], cfg.batch_size)
         row["beta"] = p.kl.beta if cfg.algo == "ppo" else cfg.kl_coef
