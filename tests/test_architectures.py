@@ -4,15 +4,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from train_fixtures import tiny_args
-
-from train import run as R
+from train_fixtures import make_tiny_hf_model, two_steps_with_evals
 
 ARCHS = {  # model_type -> extra config (tiny sizes are common to all)
     "gpt_neox": {},
@@ -29,29 +26,13 @@ ARCHS = {  # model_type -> extra config (tiny sizes are common to all)
 
 
 def _build(path: Path, name: str) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from train.offline import build_tokenizer
-
-    tok = build_tokenizer()
-    cfg = AutoConfig.for_model(name.split("-")[0], vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                               max_position_embeddings=64, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                               eos_token_id=tok.eos_token_id, **ARCHS[name])
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return make_tiny_hf_model(path, name.split("-")[0], **ARCHS[name])
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_architecture_trains_with_exact_logprobs(name, tmp_path, capsys):
     path = _build(tmp_path / name, name)
-    out = tmp_path / "out"
-    args = tiny_args(path, out, "--steps", "2", "--no-plot", "--no-export", "--critic", "shared")
-    args[args.index("--eval-every") + 1] = "1"
-    assert R.main(args) == 0, capsys.readouterr().err[-2000:]
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = two_steps_with_evals(path, tmp_path / "out", "--critic", "shared")
     assert len(rows) == 2 and all(0 <= r["logp_mismatch"] < 1e-4 for r in rows), [r["logp_mismatch"] for r in rows]
 
     # the fused log-probs against log_softmax of the model's own logits

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_fixtures import cfg_for, make_tiny_model, tiny_args, tiny_config
+from train_fixtures import cfg_for, make_tiny_hf_model, make_tiny_model, tiny_args, tiny_config, two_steps_with_evals
 
 from train import run as R
 from train.config import parse_args
@@ -289,40 +289,19 @@ def test_a_reward_that_is_never_a_number_stops_with_one_line(tiny, tmp_path, cap
     assert "NaN or not a number" in line and "all_nan_reward" in line
 
 
-def _tiny_hf_model(path: Path, model_type: str, **extra) -> Path:
-    """A random one-layer model of ``model_type`` with the offline tokenizer, built locally and saved."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from train.offline import build_tokenizer
-
-    tok = build_tokenizer()
-    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                               num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                               eos_token_id=tok.eos_token_id, **extra)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_a_scaled_head_trains_with_exact_logprobs(tmp_path, capsys):
     """Granite divides its logits by logits_scaling after the head (it used to end in TypeError: unsupported
     operand type(s) for /: 'dict' and 'float'): the scale is folded into the temperature, and the log-probs
     the training forward computes equal the sampler's (logp_mismatch at each evaluation)."""
-    path = _tiny_hf_model(tmp_path / "granite", "granite", logits_scaling=4.0, tie_word_embeddings=False)
-    out = tmp_path / "out"
-    args = tiny_args(path, out, "--steps", "2", "--no-plot", "--no-export", "--temperature", "0.7")
-    args[args.index("--eval-every") + 1] = "1"
-    assert R.main(args) == 0, capsys.readouterr().err[-2000:]
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    path = make_tiny_hf_model(tmp_path / "granite", "granite", n_layer=1, logits_scaling=4.0, tie_word_embeddings=False)
+    rows = two_steps_with_evals(path, tmp_path / "out", "--temperature", "0.7")
     assert len(rows) == 2 and all(0 <= r["logp_mismatch"] < 1e-5 for r in rows), [r["logp_mismatch"] for r in rows]
 
 
 def test_a_soft_capped_head_is_refused_in_one_line(tmp_path, capsys):
     """Gemma 2 soft-caps its logits after the head: refused with one line, never trained on wrong log-probs."""
-    path = _tiny_hf_model(tmp_path / "gemma2", "gemma2", head_dim=16, final_logit_softcapping=0.5,
-                          tie_word_embeddings=False)
+    path = make_tiny_hf_model(tmp_path / "gemma2", "gemma2", n_layer=1, head_dim=16, final_logit_softcapping=0.5,
+                              tie_word_embeddings=False)
     capsys.readouterr()  # the save's progress bar
     line = _main_error(tiny_args(path, tmp_path / "out"), capsys)
     assert "Gemma2ForCausalLM soft-caps its logits (final_logit_softcapping=0.5)" in line
@@ -333,7 +312,7 @@ def test_tied_head_trains_and_exports_tied(tmp_path, capsys):
     two iterations run, the loss is finite, and the export stays tied."""
     from transformers import AutoModelForCausalLM
 
-    path = _tiny_hf_model(tmp_path / "llama", "llama", tie_word_embeddings=True)
+    path = make_tiny_hf_model(tmp_path / "llama", "llama", n_layer=1, tie_word_embeddings=True)
     out = tmp_path / "out"
     assert R.main(tiny_args(path, out, "--steps", "2", "--no-plot")) == 0, capsys.readouterr().err[-2000:]
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]

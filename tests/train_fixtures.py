@@ -45,6 +45,37 @@ def make_tiny_model(path: Path, seed: int = 0, n_layer: int = 2, n_embd: int = 3
     return Path(path)
 
 
+def make_tiny_hf_model(path: Path, model_type: str, n_layer: int = 2, **extra) -> Path:
+    """A random tiny causal LM of ``model_type`` (hidden 32, 2 heads) with the offline tokenizer, built from
+    ``AutoConfig.for_model`` and saved with save_pretrained; ``extra`` goes to the config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from train.offline import build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=n_layer, num_attention_heads=2, num_key_value_heads=2,
+                               max_position_embeddings=64, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, **extra)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)
+
+
+def two_steps_with_evals(model_dir: Path, out: Path, *extra: str) -> list[dict]:
+    """``train.run`` in this process for 2 iterations with an evaluation after each (so each row has its
+    ``logp_mismatch``); the metrics rows."""
+    import json
+
+    from train import run as R
+
+    args = tiny_args(model_dir, out, "--steps", "2", "--no-plot", "--no-export", *extra)
+    args[args.index("--eval-every") + 1] = "1"
+    assert R.main(args) == 0
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def digit_reward(prompts, completions, **_):
     """Deterministic, non-trivial: the sum of the completion's digits / 10."""
     return [sum(int(ch) for ch in c if ch.isdigit()) / 10.0 for c in completions]
