@@ -127,17 +127,18 @@ def token_loss(logits: Tensor, labels: Tensor, loss: TokenLoss, *, temperature: 
     valid = loss.mask
     C.check_label_range(labels, V, None, valid=valid)
     acc = C.out_dtype(logits)
-    if name != "torch":  # composed: log-probs, then the loss under autograd
-        masked = torch.where(valid, labels, -100)
-        if name == "reference":
-            lp = reference.token_logprobs(logits, masked, tau)
-        else:
-            lp = _TokenLogprobs.apply(logits, masked, tau, -100, False, _dispatch.logits_ops(name))
+    masked = torch.where(valid, labels, -100)
+    if name == "reference":
+        lp = reference.token_logprobs(logits, masked, tau)
+        return loss.cast(lp.dtype)(lp)
+    ops = _dispatch.logits_ops(name)
+    if ops.loss_fwd is None:  # composed: log-probs, then the loss under autograd (backward recomputes)
+        lp = _TokenLogprobs.apply(logits, masked, tau, -100, False, ops)
         return loss.cast(lp.dtype)(lp)
     if logits.numel() == 0:
         return (logits.sum() * 0.0).to(acc)
     flat = torch.where(valid, labels, 0).reshape(-1).long().contiguous()
-    return _FusedLoss.apply(logits, flat, tau, loss.flat().cast(acc), _dispatch.logits_ops(name))
+    return _FusedLoss.apply(logits, flat, tau, loss.flat().cast(acc), ops)
 
 
 def apa_loss(

@@ -104,8 +104,10 @@ class Critic(nn.Module):
         self.body = body
         self.head = ValueHead(hidden_size)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, start: int, length: int) -> Tensor:
-        return self.head(_final_hidden(self.body, input_ids, attention_mask, position_ids)[:, start : start + length])
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, labels: Tensor, start: int) -> Tensor:
+        """Values (B, R) at the positions that predict ``labels`` (the policy's forward arguments)."""
+        h = _final_hidden(self.body, input_ids, attention_mask, position_ids)
+        return self.head(h[:, start : start + labels.shape[1]])
 
 
 @torch.no_grad()

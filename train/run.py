@@ -146,7 +146,7 @@ def make_experience(m: Models, ro: Rollout, scores: Tensor, scaled: Tensor, cfg:
     args = (ro.input_ids, ro.attention_mask, ro.position_ids, labels, ro.prompt_len - 1)
     shared = cfg.critic == "shared"
     pol = m.policy(*args, entropy=True, values=shared, temperature=cfg.temperature, backend=cfg.kernel_backend)
-    values = pol.values if shared else None if m.critic is None else m.critic(*args[:3], ro.prompt_len - 1, labels.shape[1])
+    values = pol.values if shared else None if m.critic is None else m.critic(*args)
     logp_init = None if m.ref is None else m.ref(*args, temperature=cfg.temperature, backend=cfg.kernel_backend).logprobs
     rewards, returns, zero_frac = None, None, None
     if cfg.advantage == "group":  # critic-free: each sequence's score against its group's, on all its tokens
@@ -228,7 +228,7 @@ def update(m: Models, b: Experience, cfg: Config, d: Dist, opt: torch.optim.Opti
             vf = pg.new_zeros(())
             if mb.returns is not None:  # a critic to train
                 if values is None:
-                    values = m.critic(*mb.forward_args()[:3], mb.prompt_len - 1, mb.labels.shape[1])
+                    values = m.critic(*mb.forward_args())
                 clip = dict(old_values=mb.values, clip=cfg.value_clip) if cfg.algo == "ppo" else {}
                 vf = apa_fast.value_loss(values, mb.returns, mb.mask, **clip)
             loss = pg + cfg.vf_coef * vf
