@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+PROXY_REWARD = "offline-proxy"  # --reward-model: the offline task's learned reward model (train.offline)
+
+
 def _f(default: Any, help: str, **kw) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
@@ -21,10 +24,15 @@ class Config:
     # what to train
     model: str = _f("offline", "policy: 'offline' (tiny GPT-J on addition, no network), 'gptj' (the paper's "
                     "Dahoas/gptj-sft-static setup) or any Hugging Face id / local path of a causal LM")
-    reward_model: str | None = _f(None, "reward: a HF sequence-classification model (id or path), a raw GPT-J reward "
+    reward_model: str | None = _f(None, "reward: a HF sequence-classification model (id or path), 'offline-proxy' (a "
+                                  "tiny learned reward model of the offline task, trained and cached on first use), "
+                                  "a raw GPT-J reward "
                                   "checkpoint (a .pt state dict of transformer.* + v_head.weight, or a repo/dir holding "
                                   "one, e.g. Dahoas/gptj-rm-static), or a Python function 'module:function' "
                                   "(prompts, completions) -> list of floats. Default: the preset's")
+    gold_reward: str = _f("", "a second reward, never trained on, scored on every rollout and logged as "
+                          "gold_reward_mean (any --reward-model form); '': none, except the offline preset with "
+                          "--reward-model offline-proxy, where it is the exact-sum checker train.offline:arith_reward")
     gptj_reward_at: str = _f("before_eos", "where a raw GPT-J reward checkpoint reads its score: at the token before "
                              "the first EOS ('before_eos': as the authors' reward-model training code, so as the model "
                              "was trained) or at that EOS ('eos': as the authors' RL scripts)",
@@ -147,6 +155,8 @@ def apply_preset(cfg: Config) -> Config:
             setattr(cfg, k, p[k])
     if cfg.model == "gptj":
         cfg.model = p["model"]
+    if cfg.reward_model == PROXY_REWARD and not cfg.gold_reward and cfg.model == "offline":
+        cfg.gold_reward = "train.offline:arith_reward"  # the rule the proxy was trained to imitate
     if cfg.threads < 0:
         cfg.threads = 0
     if cfg.minibatch_size > cfg.batch_size:

@@ -201,6 +201,7 @@ class Models:
     critic: Critic | None  # None when the value head is on the policy (--critic shared)
     tokenizer: object
     reward: object  # (prompts, completions) -> list of floats
+    gold: object | None = None  # --gold-reward: scored and logged, never trained on
 
 
 def attn_implementation(attn: str) -> tuple[str, ...]:
@@ -229,7 +230,8 @@ def build_models(cfg, d, log) -> Models:
     moves each unit to the mesh's device as it shards it, so no model ever sits whole on one GPU.
     """
     from .loading import load_base_model, load_causal_lm, load_tokenizer
-    from .offline import warmed_up_model
+    from .config import PROXY_REWARD
+    from .offline import proxy_reward_model, warmed_up_model
     from .rewards import load_reward
 
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
@@ -269,11 +271,17 @@ def build_models(cfg, d, log) -> Models:
         freeze_bottom(critic, cfg.unfrozen_layers)
         critic = place(critic, trainable=True)
 
-    reward = load_reward(cfg.reward_model, policy_config=lm.config, tokenizer=tokenizer,
-                         device=d.device if d.mesh is None else torch.device("cpu"), dtype=frozen_dtype,
-                         trust_remote_code=cfg.trust_remote_code, gptj_reward_at=cfg.gptj_reward_at)
-    rm = getattr(reward, "model", None)  # a reward model (not a function): sharded like the frozen policy
-    if isinstance(rm, nn.Module) and d.mesh is not None:
-        shard(rm, d.mesh, None)
-        reward.device = d.device
-    return Models(policy, ref, critic, tokenizer, reward)
+    def reward(spec: str):
+        if spec == PROXY_REWARD:
+            spec = str(d.main_first(lambda: proxy_reward_model(cfg.cache_dir or None, log=log)))
+        r = load_reward(spec, policy_config=lm.config, tokenizer=tokenizer,
+                        device=d.device if d.mesh is None else torch.device("cpu"), dtype=frozen_dtype,
+                        trust_remote_code=cfg.trust_remote_code, gptj_reward_at=cfg.gptj_reward_at)
+        rm = getattr(r, "model", None)  # a reward model (not a function): sharded like the frozen policy
+        if isinstance(rm, nn.Module) and d.mesh is not None:
+            shard(rm, d.mesh, None)
+            r.device = d.device
+        return r
+
+    return Models(policy, ref, critic, tokenizer, reward(cfg.reward_model),
+                  reward(cfg.gold_reward) if cfg.gold_reward else None)

@@ -92,15 +92,25 @@ def warmed_up_model(cache_dir: str | Path | None = None, recipe: WarmupRecipe = 
     """Path to the warmed-up policy (``save_pretrained`` dir with tokenizer); trains it on a cache miss."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     path = cache / f"offline-arith-{_recipe_key(recipe)}"
+
+    def build(tmp: Path) -> None:
+        tokenizer = build_tokenizer()
+        supervised_warmup(tokenizer, recipe).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _cached(path, build, f"warm-up: supervised pass on {DATA_DIR / 'arith_demos.jsonl'} ({recipe.steps} steps)",
+                   log)
+
+
+def _cached(path: Path, build, what: str, log) -> Path:
+    """``path`` once complete (a ``DONE`` marker); else ``build(tmp)`` writes it into a temporary directory that
+    is renamed into place, so a killed build never leaves a half-written model behind."""
     if (path / "config.json").exists() and (path / "DONE").exists():
         return path
-    log(f"warm-up: supervised pass on {DATA_DIR / 'arith_demos.jsonl'} ({recipe.steps} steps), cached at {path}")
+    log(f"{what}, cached at {path}")
     t0 = time.time()
-    tokenizer = build_tokenizer()
-    model = supervised_warmup(tokenizer, recipe)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    build(tmp)
     (tmp / "DONE").write_text("ok\n")
     try:
         os.replace(tmp, path)
@@ -108,7 +118,7 @@ def warmed_up_model(cache_dir: str | Path | None = None, recipe: WarmupRecipe = 
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"warm-up done in {time.time() - t0:.0f}s")
+    log(f"done in {time.time() - t0:.0f}s")
     return path
 
 
@@ -164,3 +174,95 @@ def arith_reward(prompts: list[str], completions: list[str], **_) -> list[float]
             continue
         out.append(1.0 if c.strip() == str(int(m.group(1)) + int(m.group(2))) else 0.0)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the learned proxy reward (``--reward-model offline-proxy``): a reward model that can be over-optimised
+
+@dataclass(frozen=True)
+class ProxyRecipe:
+    """A GPT-J sequence classifier, initialised from the warmed-up policy (as reward models start from the SFT
+    model), trained on ``samples`` completions of the warmed-up policy per training prompt, labelled by the
+    exact-sum checker. From so few labels it learns the answers the initial policy tends to give, not the rule:
+    it ranks fresh samples of that policy well and answers it never saw poorly, the gap that RL can exploit
+    (Gao et al. 2022)."""
+
+    samples: int = 4
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 5e-4
+    seed: int = 0
+
+
+def proxy_reward_model(cache_dir: str | Path | None = None, recipe: ProxyRecipe = ProxyRecipe(), log=print) -> Path:
+    """Path to the proxy reward model (``AutoModelForSequenceClassification``, ``save_pretrained`` dir with its
+    tokenizer and ``proxy_stats.json``); trained and cached on a miss, keyed by its recipe and the warm-up's."""
+    warm = warmed_up_model(cache_dir, log=log)
+    key = hashlib.sha256((json.dumps(asdict(recipe), sort_keys=True) + warm.name).encode()).hexdigest()[:12]
+    path = warm.parent / f"offline-proxy-rm-{key}"
+    return _cached(path, lambda tmp: _train_proxy(warm, recipe, tmp, log),
+                   f"proxy reward model: {recipe.samples} labelled samples per prompt", log)
+
+
+def _train_proxy(warm: Path, recipe: ProxyRecipe, out: Path, log) -> None:
+    from datasets import load_dataset
+    from transformers import AutoModelForSequenceClassification, GPTJForCausalLM, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(warm)
+    torch.manual_seed(recipe.seed)
+    prompts = [r["prompt"] for r in load_dataset("json", data_files=str(DATA_DIR / "arith_prompts.jsonl"), split="train")]
+    policy = GPTJForCausalLM.from_pretrained(warm).eval()
+    train_set = _labelled_samples(policy, tok, prompts, recipe.samples)
+    heldout = _labelled_samples(policy, tok, prompts, 2)  # fresh samples, for the stats only
+    del policy
+
+    rm = AutoModelForSequenceClassification.from_pretrained(warm, num_labels=1)
+    rm.config.pad_token_id = tok.pad_token_id
+    opt = torch.optim.AdamW(rm.parameters(), lr=recipe.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(recipe.seed)
+    tok.padding_side = "right"
+    rm.train()
+    for _ in range(recipe.steps):
+        idx = torch.randint(len(train_set), (recipe.batch_size,), generator=g).tolist()
+        enc = tok([train_set[i][0] for i in idx], padding=True, return_tensors="pt")
+        y = torch.tensor([train_set[i][1] for i in idx])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(rm(**enc).logits[:, 0], y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    rm.eval()
+    stats = {"train": _accuracy(rm, tok, train_set), "heldout": _accuracy(rm, tok, heldout),
+             "recipe": asdict(recipe)}
+    log(f"proxy reward model: accuracy {stats['train']['accuracy']:.3f} on its {len(train_set)} training samples, "
+        f"{stats['heldout']['accuracy']:.3f} on {len(heldout)} fresh ones (AUC {stats['train']['auc']:.3f}, "
+        f"{stats['heldout']['auc']:.3f})")
+    rm.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "proxy_stats.json").write_text(json.dumps(stats, indent=1))
+
+
+@torch.no_grad()
+def _labelled_samples(policy, tok, prompts: list[str], k: int) -> list[tuple[str, float]]:
+    """``k`` sampled completions (temperature 1, 4 new tokens: the offline preset's) per prompt, as
+    ``(prompt + completion, exact-sum label)``."""
+    tok.padding_side = "left"
+    rep = [p for p in prompts for _ in range(k)]
+    enc = tok(rep, padding=True, return_tensors="pt")
+    gen = policy.generate(**enc, position_ids=position_ids_from_mask(enc["attention_mask"]), do_sample=True,
+                          max_new_tokens=4, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    completions = [c.split(tok.eos_token)[0].replace(tok.pad_token, "")
+                   for c in tok.batch_decode(gen[:, enc["input_ids"].shape[1]:])]
+    return [(p + c, y) for p, c, y in zip(rep, completions, arith_reward(rep, completions))]
+
+
+@torch.no_grad()
+def _accuracy(rm, tok, samples: list[tuple[str, float]]) -> dict:
+    """Sign accuracy of the classifier's logit against the exact-sum label, and its AUC (the chance that a right
+    completion outscores a wrong one: what an RL update relies on)."""
+    tok.padding_side = "right"
+    logits = rm(**tok([t for t, _ in samples], padding=True, return_tensors="pt")).logits[:, 0]
+    y = torch.tensor([lab for _, lab in samples])
+    pos, neg = logits[y == 1], logits[y == 0]
+    auc = float((pos[:, None] > neg[None, :]).float().mean()) if len(pos) and len(neg) else float("nan")
+    return {"accuracy": float(((logits > 0).float() == y).float().mean()), "auc": auc, "n": len(samples),
+            "positive_rate": float(y.mean())}

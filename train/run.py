@@ -122,17 +122,18 @@ def rollout(m: Models, prompts: list[str], cfg: Config, d: Dist, greedy: bool = 
                    list(prompts), completions, logp_sample)
 
 
-def score(m: Models, ro: Rollout, d: Dist, log) -> Tensor:
-    """Rewards on the decoded text, (B,) float32; a NaN or non-number score is reported (and left NaN)."""
-    raw = m.reward(ro.prompts, ro.completions)
+def score(reward, ro: Rollout, d: Dist, log, flag: str = "--reward-model") -> Tensor:
+    """``reward``'s scores of the decoded text, (B,) float32; a NaN or non-number score is reported (and left NaN)."""
+    raw = reward(ro.prompts, ro.completions)
     if len(raw) != len(ro.prompts):
-        raise RuntimeError(f"the reward returned {len(raw)} scores for {len(ro.prompts)} completions")
+        raise RuntimeError(f"{flag} returned {len(raw)} scores for {len(ro.prompts)} completions")
     scores = torch.tensor(raw, dtype=torch.float32, device=d.device)
     bad = ~torch.isfinite(scores)
     if bad.any():
         i = int(bad.nonzero()[0])
-        log(f"warning: reward is not a finite number for {int(bad.sum())}/{len(raw)} samples on rank {d.rank} "
-            f"(e.g. prompt {ro.prompts[i]!r} -> {ro.completions[i]!r}: {raw[i]!r}); they are left out of the loss")
+        log(f"warning: {flag} is not a finite number for {int(bad.sum())}/{len(raw)} samples on rank {d.rank} "
+            f"(e.g. prompt {ro.prompts[i]!r} -> {ro.completions[i]!r}: {raw[i]!r}); they are left out of the "
+            f"{'loss' if flag == '--reward-model' else 'mean'}")
     return scores
 
 
@@ -358,7 +359,8 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
         t = [time.perf_counter()]  # phase boundaries: rollout | score | experience | update
         ro = rollout(m, [q for q in p.sampler.next() for _ in range(cfg.samples_per_prompt)], cfg, d)
         t.append(time.perf_counter())
-        scores = score(m, ro, d, log)
+        scores = score(m.reward, ro, d, log)
+        gold = None if m.gold is None else score(m.gold, ro, d, log, "--gold-reward")
         finite = d.gather(scores[torch.isfinite(scores)])
         if finite.numel() == 0:
             raise LoadError(f"every reward of iteration {p.step + 1} was NaN or not a number (e.g. "
@@ -371,6 +373,10 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
         stats = update(m, exp, cfg, d, opt, params, torch.Generator().manual_seed(cfg.seed * 7919 + p.step))
         t.append(time.perf_counter())
         row = {"step": p.step + 1, **iteration_metrics(exp, cfg, d), **stats}
+        if gold is not None:  # the mean over the samples the gold reward could score (all ranks)
+            ok = torch.isfinite(gold)
+            total, n = d.sum(torch.where(ok, gold, 0.0).sum(), ok.sum())
+            row["gold_reward_mean"] = total / n if n else math.nan
         if cfg.algo == "ppo" and "kl" in row:
             p.kl.update(row["kl"], cfg.batch_size)
         row["beta"] = p.kl.beta if cfg.algo == "ppo" else cfg.kl_coef
