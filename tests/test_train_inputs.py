@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_fixtures import cfg_for, make_tiny_hf_model, make_tiny_model, tiny_args, tiny_config, two_steps_with_evals
+from train_fixtures import (cfg_for, main_error, make_tiny_hf_model, make_tiny_model, tiny_args, tiny_config,
+                            two_steps_with_evals)
 
 from train import run as R
 from train.config import parse_args
@@ -21,14 +22,7 @@ def tiny(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", n_layer=1)
 
 
-def _main_error(argv, capsys) -> str:
-    rc = R.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
+_main_error = main_error
 
 
 # ---------------------------------------------------------------- the paper's GPT-J reward checkpoint

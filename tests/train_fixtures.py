@@ -76,6 +76,28 @@ def two_steps_with_evals(model_dir: Path, out: Path, *extra: str) -> list[dict]:
     return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def metric_rows(out: Path) -> list[dict]:
+    """The computed metrics of a run (``metrics.jsonl``), without the measured ones (times, memory, tokens/s)."""
+    import json
+
+    drop = {"tokens_per_s", "iter_s", "max_mem_gb", "max_rss_gb"}  # measured, not computed
+    return [{k: v for k, v in json.loads(ln).items() if k not in drop and not k.startswith("time_") and k != "logp_mismatch"}
+            for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def main_error(argv: list[str], capsys) -> str:
+    """``train.run.main(argv)`` must fail with exit code 2 and exactly one line on stderr; that line."""
+    from train import run as R
+
+    rc = R.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
 def digit_reward(prompts, completions, **_):
     """Deterministic, non-trivial: the sum of the completion's digits / 10."""
     return [sum(int(ch) for ch in c if ch.isdigit()) / 10.0 for c in completions]

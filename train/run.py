@@ -519,6 +519,11 @@ def check_flags(cfg: Config, d: Dist) -> None:
                         "GRPO's KL term is --kl-loss-coef")
     if not cfg.kl_loss_coef >= 0:
         raise LoadError(f"--kl-loss-coef must be >= 0, got {cfg.kl_loss_coef}")
+    if cfg.lora_rank < 0:
+        raise LoadError(f"--lora-rank must be >= 1 for LoRA (or 0: off, full fine-tuning), got {cfg.lora_rank}")
+    if cfg.lora_rank > 0 and not (cfg.lora_alpha >= 0 and 0 <= cfg.lora_dropout < 1):
+        raise LoadError(f"--lora-alpha must be >= 0 (0: 2 * rank) and --lora-dropout in [0, 1), got "
+                        f"{cfg.lora_alpha} and {cfg.lora_dropout}")
 
 
 def _fit_positions(cfg: Config, m: Models, log) -> None:
