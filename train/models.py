@@ -259,7 +259,7 @@ class Models:
     # --kl-loss-coef 0); with LoRA the policy with its adapters disabled
     critic: Critic | None  # None when the value head is on the policy (--critic shared)
     tokenizer: object
-    reward: object  # (prompts, completions) -> list of floats
+    reward: object  # (prompts, completions, messages=None) -> list of floats (train/rewards.py)
 
 
 def attn_implementation(attn: str) -> tuple[str, ...]:
