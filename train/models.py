@@ -57,9 +57,10 @@ class Policy(nn.Module):
     """A causal LM whose response tokens are scored from hidden states by apa_fast (optionally with a value
     head on the same hidden states: ``--critic shared``)."""
 
-    def __init__(self, lm: nn.Module, value_head: bool = False, logit_scale: float = 1.0, lora: bool = False):
+    def __init__(self, lm: nn.Module, value_head: bool = False, logit_scale: float = 1.0, lora: bool = False,
+                 softcap: float | None = None):
         super().__init__()
-        self.lm, self.logit_scale, self.lora = lm, logit_scale, lora
+        self.lm, self.logit_scale, self.lora, self.softcap = lm, logit_scale, lora, softcap
         self.v_head = ValueHead(lm.config.get_text_config().hidden_size).to(lm.device) if value_head else None
 
     @property
@@ -84,18 +85,20 @@ class Policy(nn.Module):
         head = lm.get_output_embeddings()
         w, b = head.weight, head.bias
         out = TokenScores(values=self.v_head(h) if values else None)
+        cap = self.softcap
         if backend == "eager":
-            lp = reference.token_logprobs(F.linear(h, w, b), labels, temperature, return_entropy=entropy)
+            lp = reference.token_logprobs(F.linear(h, w, b), labels, temperature, return_entropy=entropy, softcap=cap)
             lp, out.entropy = lp if entropy else (lp, None)
             if loss is None:
                 out.logprobs = lp
             else:
                 out.loss = loss(lp)
         elif loss is not None:
-            out.loss = apa_fast.linear_token_loss(h, w, labels, loss, bias=b, temperature=temperature, backend=backend)
+            out.loss = apa_fast.linear_token_loss(h, w, labels, loss, bias=b, temperature=temperature, backend=backend,
+                                                  softcap=cap)
         else:
             lp = apa_fast.linear_token_logprobs(h, w, labels, bias=b, temperature=temperature,
-                                                return_entropy=entropy, backend=backend)
+                                                return_entropy=entropy, backend=backend, softcap=cap)
             out.logprobs, out.entropy = lp if entropy else (lp, None)
         return out
 
@@ -130,31 +133,34 @@ class Critic(nn.Module):
 
 
 @torch.no_grad()
-def head_logit_scale(lm: nn.Module) -> float:
-    """The factor ``s`` with ``logits = s * (hidden @ W.T + b)``: 1 for a plain head; Granite's
-    ``1 / logits_scaling`` and Cohere's ``logit_scale`` are read from the config and folded into the
-    temperature (``softmax(s z / tau) = softmax(z / (tau / s))``, exact). One tiny forward compares the
-    model's own logits with ``s`` times the head applied to its hidden states; a model that does anything
-    else after its head (Gemma 2's soft-capping, ...) is refused with one line, never trained on wrong
-    log-probs."""
+def head_transform(lm: nn.Module) -> tuple[float, float | None]:
+    """``(s, c)`` with ``logits = c' tanh(s z / c')`` (c' the config's soft-cap; no tanh when none) and
+    ``z = hidden @ W.T + b``, given as the fused op's arguments: ``s`` folds into the temperature
+    (``softmax(s x / tau) = softmax(x / (tau / s))``) and ``c = c' / s`` is the cap on ``z`` itself
+    (``c' tanh(s z / c') = s c tanh(z / c)``), both exact. ``s``: Granite's ``1 / logits_scaling``, Cohere's
+    ``logit_scale``; ``c'``: Gemma 2's ``final_logit_softcapping``, all read from the config. One tiny forward
+    compares the model's own logits with that transform of the head applied to its hidden states; a model that
+    does anything else after its head is refused with one line, never trained on wrong log-probs."""
     head = lm.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise LoadError(f"{type(lm).__name__}: its output layer is {type(head).__name__}, not a Linear LM head")
     c = lm.config.get_text_config()
     s = 1.0 / float(getattr(c, "logits_scaling", None) or 1.0) * float(getattr(c, "logit_scale", None) or 1.0)
+    cap = getattr(c, "final_logit_softcapping", None)
+    cap = float(cap) / s if cap else None
     ids = torch.arange(min(4, head.out_features), device=head.weight.device).unsqueeze(0)
     mask, pos = torch.ones_like(ids), torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
     was_training = lm.training
     lm.eval()
     logits = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
-    ours = s * F.linear(_final_hidden(lm.base_model, ids, mask, pos), head.weight, head.bias).float()
+    z = F.linear(_final_hidden(lm.base_model, ids, mask, pos), head.weight, head.bias).float()
+    ours = s * (z if cap is None else cap * torch.tanh(z / cap))
     lm.train(was_training)
     if not torch.allclose(logits, ours, rtol=1e-3, atol=1e-3 * max(1.0, float(ours.abs().max()))):
-        cap = getattr(c, "final_logit_softcapping", None)
-        what = f"soft-caps its logits (final_logit_softcapping={cap})" if cap else "transforms its logits after the LM head"
-        raise LoadError(f"{type(lm).__name__} {what}; the fused log-probs do not apply that yet, so the trainer "
-                        "refuses this model")
-    return s
+        raise LoadError(f"{type(lm).__name__} transforms its logits after the LM head in a way the fused log-probs "
+                        "do not apply (they apply a constant scale and final_logit_softcapping only), so --model is "
+                        "refused; pass a model whose logits are its LM head's output (scaled or soft-capped)")
+    return s, cap
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
@@ -309,11 +315,11 @@ def build_models(cfg, d, log) -> Models:
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
     # the trainable policy keeps fp32 master weights; FSDP2's MixedPrecisionPolicy computes in bf16 on GPU
     lm = load_causal_lm(path, dtype=torch.float32, attn=attn, trust_remote_code=cfg.trust_remote_code)
-    scale = head_logit_scale(lm)
+    scale, softcap = head_transform(lm)
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
     lora = cfg.lora_rank > 0  # the base frozen whole (peft), adapters (and a value head) trained
     policy = Policy(add_lora(lm, cfg, causal_lm=True) if lora else lm, value_head=cfg.critic == "shared",
-                    logit_scale=scale, lora=lora)
+                    logit_scale=scale, lora=lora, softcap=softcap)
     if not lora:
         freeze_bottom(policy, cfg.unfrozen_layers)
     policy = place(policy, trainable=True)
@@ -325,7 +331,7 @@ def build_models(cfg, d, log) -> Models:
         else:
             ref_lm = load_causal_lm(path, dtype=frozen_dtype, attn=attn, trust_remote_code=cfg.trust_remote_code,
                                     what="initial policy")
-            ref = place(Policy(ref_lm, logit_scale=scale).requires_grad_(False).eval())
+            ref = place(Policy(ref_lm, logit_scale=scale, softcap=softcap).requires_grad_(False).eval())
 
     critic = None
     if cfg.critic == "separate":  # the authors' separate critic: the SFT model's transformer + a scalar head
