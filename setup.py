@@ -24,7 +24,8 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "test": ["pytest>=7.4"],
+        "test": ["pytest>=7.4", "peft>=0.13"],  # the LoRA tests run in CI
+        "lora": ["peft>=0.13"],
         "bench": ["pytest>=7.4", "pytest-benchmark>=4.0"],
         "gpu": ["flash-attn>=2.5"],
         "tensorboard": ["tensorboard>=2.14"],

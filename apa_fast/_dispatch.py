@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -64,11 +65,16 @@ def logits_ops(name: str) -> Ops:
     raise ValueError(f"no logits ops for backend {name!r}")
 
 
-def linear_ops(name: str) -> Ops:
+def linear_ops(name: str, softcap: float | None = None) -> Ops:
+    """``softcap`` c: every op soft-caps its logits chunk, z -> c tanh(z / c), before the temperature."""
     if name == "torch":
         from . import _torch_linear as t
 
+        if softcap is not None:
+            return Ops(*(partial(f, softcap=softcap) for f in (t.token_fwd, t.token_bwd, t.loss_fwd, t.token_fwd_dh)))
         return Ops(t.token_fwd, t.token_bwd, t.loss_fwd, t.token_fwd_dh)
+    if softcap is not None:
+        raise ValueError(f"softcap is not implemented by the {name!r} backend yet; use backend='torch' or 'reference'")
     if name == "triton":
         from kernels import linear as k
 

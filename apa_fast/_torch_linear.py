@@ -1,7 +1,8 @@
 """The ``torch`` backend from hidden states and the LM head: the logits exist one chunk of rows at a time.
 
-Per chunk of token rows: ``u = (h W^T + b) / tau`` into an fp32 (fp64) scratch, then the row math of
-``_torch_logprobs`` (log-probs, entropy, ``dz = du / tau``), then ``grad_h[chunk] = dz @ W`` and
+Per chunk of token rows: ``u = (h W^T + b) / tau`` into an fp32 (fp64) scratch (with ``softcap`` c:
+``u = c tanh(z / c) / tau``, and ``dz`` gains the factor ``1 - tanh^2(z / c)``, kept in one more chunk scratch),
+then the row math of ``_torch_logprobs`` (log-probs, entropy, ``dz = du / tau``), then ``grad_h[chunk] = dz @ W`` and
 ``grad_W += dz^T @ h``, ``grad_b += sum dz``. A chunk spans the whole vocabulary (``dz`` needs the row's
 full softmax), so its row count bounds memory: never more than ``MAX_CHUNK_BYTES`` of logits.
 
@@ -43,9 +44,9 @@ def rows_per_chunk(N: int, V: int, itemsize: int = 4) -> int:
 class _Chunks:
     """Row chunks of ``h`` and their logits, in reused scratch buffers."""
 
-    def __init__(self, h: Tensor, weight: Tensor, bias: Tensor | None, tau: float):
+    def __init__(self, h: Tensor, weight: Tensor, bias: Tensor | None, tau: float, softcap: float | None = None):
         N, V = h.shape[0], weight.shape[0]
-        self.h, self.weight, self.bias, self.tau = h, weight, bias, tau
+        self.h, self.weight, self.bias, self.tau, self.softcap = h, weight, bias, tau, softcap
         self.acc = acc_dtype(h)
         self.rows = rows_per_chunk(N, V)
         self.scratch = Scratch(self.rows, V, self.acc, h.device)
@@ -56,8 +57,9 @@ class _Chunks:
         for r0 in range(0, N, self.rows):
             yield slice(r0, min(N, r0 + self.rows))
 
-    def logits(self, rows: slice | Tensor, into: Tensor | None = None) -> Tensor:
-        """u = (h[rows] W^T + b) / tau in the accumulation dtype (scratch 0 unless ``into``)."""
+    def logits(self, rows: slice | Tensor, into: Tensor | None = None, keep_tanh: bool = False) -> Tensor:
+        """u = (h[rows] W^T + b) / tau in the accumulation dtype (scratch 0 unless ``into``); with a softcap c,
+        u = c tanh(z / c) / tau and, when ``keep_tanh``, tanh(z / c) kept in scratch 3 for ``cap_grad``."""
         h = self.h[rows]
         r = h.shape[0]
         u = self.scratch(0, r) if into is None else into
@@ -68,7 +70,19 @@ class _Chunks:
             torch.addmm(self.bias, h, self.weight.t(), out=dst)
         if self.lowp is not None:
             u.copy_(dst)
+        if self.softcap is not None:
+            u.mul_(1.0 / self.softcap).tanh_()
+            if keep_tanh:
+                self.scratch(3, r).copy_(u)
+            u.mul_(self.softcap)
         return u.mul_(1.0 / self.tau) if self.tau != 1.0 else u
+
+    def cap_grad(self, dz: Tensor) -> Tensor:
+        """dz <- dz * (1 - tanh^2(z / c)) in place: the chain rule through the soft-capping (a no-op without)."""
+        if self.softcap is None:
+            return dz
+        t = self.scratch(3, dz.shape[0])
+        return dz.mul_(t.mul_(t).neg_().add_(1.0))
 
     def out(self, u: Tensor) -> Tensor:
         """Where a row-wise (log_)softmax of the scratch u may write: over u itself on CPU, else scratch 1."""
@@ -113,10 +127,10 @@ def _finish(gh, gw, gb, weight: Tensor, bias: Tensor | None):
 
 
 def token_fwd(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tau: float,
-              return_entropy: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(logp, lse, entropy | None) per row; lse is of u = z / tau."""
+              return_entropy: bool, softcap: float | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(logp, lse, entropy | None) per row; lse is of u = z / tau (z soft-capped first when ``softcap``)."""
     N = h.shape[0]
-    ch = _Chunks(h, weight, bias, tau)
+    ch = _Chunks(h, weight, bias, tau, softcap)
     logp = torch.empty(N, dtype=ch.acc, device=h.device)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp) if return_entropy else None
@@ -130,57 +144,59 @@ def token_fwd(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ta
     return logp, lse, ent
 
 
-def token_fwd_dh(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tau: float) -> tuple[Tensor, Tensor]:
+def token_fwd_dh(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tau: float,
+                 softcap: float | None = None) -> tuple[Tensor, Tensor]:
     """(logp, D) with D_i = dlogp_i/dh_i = ((onehot - p) / tau) @ W, for fp32/fp64 input.
 
     For a frozen LM head (only hidden wants a gradient) the hidden gradient of sum_i g_i logp_i is
     g_i D_i: D costs the one matmul backward would need anyway, and backward becomes a row scaling."""
     N = h.shape[0]
-    ch = _Chunks(h, weight, bias, tau)
+    ch = _Chunks(h, weight, bias, tau, softcap)
     logp = torch.empty(N, dtype=ch.acc, device=h.device)
     D = torch.empty_like(h)
     one = torch.full((ch.rows, 1), 1.0 / tau, dtype=ch.acc, device=h.device)
     for sl in ch:
-        u = ch.logits(sl)
+        u = ch.logits(sl, keep_tanh=True)
         idx = labels[sl].unsqueeze(1)
         uy = u.gather(1, idx).squeeze(1)
         p = torch.softmax(u, -1, out=ch.out(u))
         logp[sl] = logp_from_p(p, idx, uy, ch.u_again(sl))
-        torch.mm(softmax_grad_rows(p, idx, one[: u.shape[0]]), weight, out=D[sl])
+        torch.mm(ch.cap_grad(softmax_grad_rows(p, idx, one[: u.shape[0]])), weight, out=D[sl])
     return logp, D
 
 
 def token_bwd(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, lse: Tensor, ent: Tensor | None,
-              g_logp: Tensor | None, g_ent: Tensor | None, tau: float, need: tuple[bool, bool, bool]):
+              g_logp: Tensor | None, g_ent: Tensor | None, tau: float, need: tuple[bool, bool, bool],
+              softcap: float | None = None):
     """(grad_h, grad_W, grad_b) of sum g_logp*logp + g_ent*H, recomputing each logits chunk from lse."""
     N = h.shape[0]
-    ch = _Chunks(h, weight, bias, tau)
+    ch = _Chunks(h, weight, bias, tau, softcap)
     g = torch.zeros(N, dtype=ch.acc, device=h.device) if g_logp is None else g_logp.to(ch.acc)
     g = g / tau
     ge = None if g_ent is None else g_ent.to(ch.acc) / tau
     gh, gw, gb = _grad_buffers(h, weight, bias, need)
     for sl in ch:
         idx, c = labels[sl].unsqueeze(1), g[sl].unsqueeze(1)
-        t = ch.logits(sl).sub_(lse[sl].unsqueeze(1))  # t = u - lse = log p
+        t = ch.logits(sl, keep_tanh=True).sub_(lse[sl].unsqueeze(1))  # t = u - lse = log p
         if ge is None:
             dz = softmax_grad_rows(t.exp_(), idx, c)
         else:
             p = torch.exp(t, out=ch.scratch(2, t.shape[0]))
             dz = entropy_grad_rows(t, p, idx, c, ge[sl].unsqueeze(1), ent[sl].unsqueeze(1))
-        _accumulate(dz, h, weight, sl, gh, gw, gb)
+        _accumulate(ch.cap_grad(dz), h, weight, sl, gh, gw, gb)
     return _finish(gh, gw, gb, weight, bias)
 
 
 def loss_fwd(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tau: float, loss: "TokenLoss",
-             need: tuple[bool, bool, bool]):
+             need: tuple[bool, bool, bool], softcap: float | None = None):
     """(L, grads | None) of a ``TokenLoss`` over the rows' log-probs, the gradients (for an upstream
     gradient of 1) formed chunk by chunk in the same pass: logits -> softmax -> dz -> two matmuls."""
-    ch = _Chunks(h, weight, bias, tau)
+    ch = _Chunks(h, weight, bias, tau, softcap)
     total = torch.zeros((), dtype=ch.acc, device=h.device)
     want = any(need)
     gh, gw, gb = _grad_buffers(h, weight, bias, need) if want else (None, None, None)
     for sl in ch:
-        u = ch.logits(sl)
+        u = ch.logits(sl, keep_tanh=want)
         idx = labels[sl].unsqueeze(1)
         if not want:
             total += loss.part(logp_rows(u, idx, ch.out(u), None)[0], sl)
@@ -188,5 +204,5 @@ def loss_fwd(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tau
         uy = u.gather(1, idx).squeeze(1)
         p = torch.softmax(u, -1, out=ch.out(u))
         total += loss_grad_rows(p, idx, uy, ch.u_again(sl), loss, sl, tau)
-        _accumulate(p, h, weight, sl, gh, gw, gb)
+        _accumulate(ch.cap_grad(p), h, weight, sl, gh, gw, gb)
     return total, (_finish(gh, gw, gb, weight, bias) if want else None)

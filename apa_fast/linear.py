@@ -1,6 +1,6 @@
 """Log-probs and per-token losses from hidden states and the LM head, never materialising the logits.
 
-    z = hidden @ weight.T + bias;  u = z / tau;  logp = u[y] - logsumexp(u);  H = logsumexp(u) - sum(softmax(u) * u)
+    z = hidden @ weight.T + bias  (softcap c: z -> c tanh(z / c), Gemma 2's final soft-capping);  u = z / tau;  logp = u[y] - logsumexp(u);  H = logsumexp(u) - sum(softmax(u) * u)
     linear_token_loss:  L = sum_i m_i l(logp_i) / n     (l from apa_fast.losses: APA, PPO, AWR, ...)
 
 Rows whose label is ``ignore_index`` (or whose mask is 0) are dropped before any backend runs, so no
@@ -123,26 +123,31 @@ def linear_token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     backend: str = "auto",
+    softcap: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``token_logprobs(hidden @ weight.T + bias, labels, ...)`` without building the logits.
 
     ``hidden`` (..., H), ``weight`` (V, H) (the LM head, ``nn.Linear`` layout), ``bias`` (V,) or None,
     all one dtype. Returns float32 (float64 for float64 input) of shape ``hidden.shape[:-1]``:
     ``logp = u[y] - logsumexp(u)`` with ``u = (hidden @ weight.T + bias) / temperature``, and with
-    ``return_entropy`` also ``H = logsumexp(u) - sum(softmax(u) * u)``. Positions whose label is
-    ``ignore_index`` give 0 and no gradient. Differentiable w.r.t. hidden, weight and bias.
+    ``return_entropy`` also ``H = logsumexp(u) - sum(softmax(u) * u)``. ``softcap`` c > 0 (None: off) soft-caps
+    the logits first, ``u = c tanh(z / c) / temperature``, exactly and with its chain rule ``1 - tanh^2(z / c)``
+    (``torch`` and ``reference`` backends). Positions whose label is ``ignore_index`` give 0 and no gradient.
+    Differentiable w.r.t. hidden, weight and bias.
     """
     V, _ = _check_linear(hidden, weight, labels, bias)
     tau = C.check_positive("temperature", temperature)
+    softcap = None if softcap is None else C.check_positive("softcap", softcap)
     ignore_index = int(ignore_index)
     name = _dispatch.resolve(backend, hidden.device)
     C.check_label_range(labels, V, ignore_index)
     if name == "reference":
-        return reference.linear_token_logprobs(hidden, weight, labels, bias, tau, ignore_index, return_entropy)
+        return reference.linear_token_logprobs(hidden, weight, labels, bias, tau, ignore_index, return_entropy, softcap)
+    ops = _dispatch.linear_ops(name, softcap)
     lead = hidden.shape[:-1]
     N = labels.numel()
     h, y, idx = _valid_rows(hidden, labels, labels != ignore_index)
-    out = _LinearTokenLogprobs.apply(h, weight, bias, y, tau, bool(return_entropy), _dispatch.linear_ops(name))
+    out = _LinearTokenLogprobs.apply(h, weight, bias, y, tau, bool(return_entropy), ops)
     if return_entropy:
         logp, ent = out
         return _scatter(logp, idx, N).view(lead), _scatter(ent, idx, N).view(lead)
@@ -150,28 +155,30 @@ def linear_token_logprobs(
 
 
 def linear_token_loss(hidden: Tensor, weight: Tensor, labels: Tensor, loss: TokenLoss, *, bias: Tensor | None = None,
-                      temperature: float = 1.0, backend: str = "auto") -> Tensor:
+                      temperature: float = 1.0, backend: str = "auto", softcap: float | None = None) -> Tensor:
     """``token_loss(hidden @ weight.T + bias, labels, loss)`` without building the logits.
 
     ``L = sum_i m_i l(logp_i) / n`` with ``loss`` from ``apa_fast.losses`` (its tensors and mask shaped
     like ``labels``). The ``torch`` backend forms the gradients of hidden, weight and bias in the forward
     pass; ``triton`` composes ``linear_token_logprobs`` with the loss. Masked rows are not multiplied by
-    the head at all.
+    the head at all. ``softcap``: as in ``linear_token_logprobs``.
     """
     V, _ = _check_linear(hidden, weight, labels, bias)
     lead = hidden.shape[:-1]
     if loss.mask is None or loss.mask.shape != lead:
         raise ValueError(f"loss must carry a mask of shape {tuple(lead)} (the leading dims of hidden)")
     tau = C.check_positive("temperature", temperature)
+    softcap = None if softcap is None else C.check_positive("softcap", softcap)
     name = _dispatch.resolve(backend, hidden.device)
     valid = loss.mask
     C.check_label_range(labels, V, None, valid=valid)
     if name == "reference":
-        lp = reference.linear_token_logprobs(hidden, weight, torch.where(valid, labels, -100), bias, tau)
+        lp = reference.linear_token_logprobs(hidden, weight, torch.where(valid, labels, -100), bias, tau,
+                                             softcap=softcap)
         return loss.cast(lp.dtype)(lp)
+    ops = _dispatch.linear_ops(name, softcap)
     acc = C.out_dtype(hidden)
     h, y, idx = _valid_rows(hidden, labels, valid)
-    ops = _dispatch.linear_ops(name)
     rows = loss.flat(idx).cast(acc)
     if ops.loss_fwd is None:
         return rows(_LinearTokenLogprobs.apply(h, weight, bias, y, tau, False, ops))

@@ -23,9 +23,14 @@ def token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    softcap: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """logp = z[y]/tau - logsumexp(z/tau);  H = logsumexp(z/tau) - sum(softmax(z/tau) * z/tau)."""
-    logsm = torch.log_softmax(_upcast(logits) / temperature, dim=-1)
+    """logp = z[y]/tau - logsumexp(z/tau);  H = logsumexp(z/tau) - sum(softmax(z/tau) * z/tau);
+    ``softcap`` c: z is first replaced by c * tanh(z / c) (Gemma 2's final soft-capping)."""
+    z = _upcast(logits)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    logsm = torch.log_softmax(z / temperature, dim=-1)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0).long()
     logp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
@@ -92,10 +97,11 @@ def linear_token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    softcap: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The logits ops on z = hidden @ weight.T + bias, with the logits materialised."""
     logits = torch.nn.functional.linear(_upcast(hidden), _upcast(weight), None if bias is None else _upcast(bias))
-    return token_logprobs(logits, labels, temperature, ignore_index, return_entropy)
+    return token_logprobs(logits, labels, temperature, ignore_index, return_entropy, softcap)
 
 
 def linear_apa_loss(

@@ -14,7 +14,8 @@ tokenizer, embedding and head rows added by ``resize_token_embeddings``, saved w
 ``save_pretrained`` and passed as ``--model DIR``): the LM head then has a real width while the
 rest of the run is unchanged.
 
-``python -m bench.trainer [--steps 3] [--vocab 50400]`` prints the table; ``bench.run``
+``python -m bench.trainer [--steps 3] [--vocab 50400]`` prints the table (``--critic-memory``, ``--lora-memory``:
+peak-memory comparisons on a ~160M-parameter model); ``bench.run``
 appends it to the benchmark's Markdown (``--no-trainer`` leaves it out).
 """
 
@@ -133,6 +134,24 @@ def critic_memory(steps: int = 2) -> list[str]:
     return lines + [""]
 
 
+def lora_memory(steps: int = 2, rank: int = 8) -> list[str]:
+    """Peak memory of full fine-tuning against LoRA (``--lora-rank``), otherwise the same run (APA, GAE, a separate
+    critic, 32 sequences per iteration), on the ~160M-parameter GPT-J shape."""
+    model = gptj_160m_model()
+    base = offline_task_flags(model) + ["--batch-size", "32", "--minibatch-size", "32", "--critic", "separate"]
+    runs = {"full fine-tuning": base, f"--lora-rank {rank}": base + ["--lora-rank", str(rank)]}
+    res = {k: run_one("auto", steps, v) for k, v in runs.items()}
+    lines = ["LoRA memory on the GPT-J-shaped model (12 x 768, V = 50,400, ~160M parameters, fp32, AdamW, separate "
+             f"critic): `python -m bench.trainer --lora-memory`, {steps} iterations each.", "",
+             "| run | peak memory MiB | vs full |", "|---|---:|---:|"]
+    first = next(iter(res.values())).get("peak_mem_mib")
+    for k, r in res.items():
+        mem = r.get("peak_mem_mib")
+        lines.append(f"| {k} | {mem:,.0f} | {mem / first:.2f}x |" if mem and first else
+                     f"| {k} | failed: {r.get('error', '')[-300:]} | |")
+    return lines + [""]
+
+
 def offline_task_flags(model_dir: str) -> list[str]:
     """The offline preset's settings, for a policy given by path (which would get the HF preset)."""
     from train import config, offline
@@ -195,7 +214,12 @@ def main(argv=None) -> int:
                     help="pad the offline policy's vocabulary to this size (0: the offline default as shipped)")
     ap.add_argument("--critic-memory", action="store_true",
                     help="peak memory with a separate critic vs critic-free, on a ~160M-parameter GPT-J shape")
+    ap.add_argument("--lora-memory", action="store_true",
+                    help="peak memory of full fine-tuning vs LoRA, on a ~160M-parameter GPT-J shape")
     a, extra = ap.parse_known_args(argv)
+    if a.lora_memory:
+        print("\n".join(lora_memory(a.steps)))
+        return 0
     if a.critic_memory:
         print("\n".join(critic_memory(a.steps)))
         return 0

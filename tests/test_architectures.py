@@ -19,6 +19,7 @@ ARCHS = {  # model_type -> extra config (tiny sizes are common to all)
     "qwen2-untied": {"tie_word_embeddings": False},
     "qwen3": {"head_dim": 16},
     "gemma": {"head_dim": 16},
+    "gemma2": {"head_dim": 16, "final_logit_softcapping": 0.1},  # soft-capped inside the fused op, deep in tanh's curve
     "gemma3_text": {"head_dim": 16, "final_logit_softcapping": None},
     "gpt2": {"n_inner": 64},
     "phi3": {},
@@ -38,10 +39,11 @@ def test_architecture_trains_with_exact_logprobs(name, tmp_path, capsys):
     # the fused log-probs against log_softmax of the model's own logits
     from transformers import AutoModelForCausalLM
 
-    from train.models import Policy, head_logit_scale
+    from train.models import Policy, head_transform
 
     lm = AutoModelForCausalLM.from_pretrained(path).eval()
-    pol = Policy(lm, logit_scale=head_logit_scale(lm))
+    scale, cap = head_transform(lm)
+    pol = Policy(lm, logit_scale=scale, softcap=cap)
     ids = torch.tensor([[3, 5, 6, 4, 7, 8, 2]])
     mask = torch.ones_like(ids)
     pos = torch.arange(ids.shape[1]).unsqueeze(0)
@@ -49,7 +51,11 @@ def test_architecture_trains_with_exact_logprobs(name, tmp_path, capsys):
     with torch.no_grad():
         fused = pol(ids, mask, pos, labels, 2).logprobs
         own = torch.log_softmax(lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, 2:-1].float(), -1)
-    torch.testing.assert_close(fused, own.gather(-1, labels.unsqueeze(-1)).squeeze(-1), atol=2e-5, rtol=0)
+        uncapped = Policy(lm, logit_scale=scale)(ids, mask, pos, labels, 2).logprobs
+    want = own.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(fused, want, atol=2e-5, rtol=0)
+    if cap is not None:  # the cap changes the log-probs by far more than the tolerance: it is really applied
+        assert (uncapped - want).abs().max() > 1e-3
 
 
 def test_tied_head_fsdp_one_and_two_ranks_same_update(tmp_path):

@@ -342,3 +342,80 @@ def test_triton_vocab_blocks_and_splits(splits, monkeypatch):
     _close("entropy", ours[1], ref[1], FP32_ATOL)
     for name, a, r in zip(("grad_h", "grad_W", "grad_b"), ours[2], ref[2]):
         _close(name, a, r, 2e-5 * max(1.0, r.abs().max().item()))
+
+
+# ---- final logit soft-capping (Gemma 2): u = c tanh(z / c) / tau, inside the fused op ----------------
+
+
+def _capped_oracle(h, w, b, y, c, tau):
+    """-cross_entropy of the soft-capped logits, built in float64 (an oracle independent of apa_fast)."""
+    z = F.linear(h, w, b)
+    return -F.cross_entropy((c * torch.tanh(z / c) / tau).flatten(0, -2), y.flatten(), reduction="none",
+                            ignore_index=-100).view(y.shape)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("tau,cap", [(1.0, 2.0), (0.7, 0.5)])
+def test_softcap_torch_backend_float64_is_exact(chunked, tau, cap, request):
+    """Soft-capped log-probs, entropy, their gradients, a fused loss and the frozen-head path, all at 1e-11
+    against the float64 reference (logits of std ~3 against caps of 2 and 0.5: deep in tanh's curve)."""
+    from apa_fast.losses import apa_token_loss
+
+    if chunked:
+        request.getfixturevalue("small_chunks")
+    h, w, b, y = _make((5, 9), 23, 301)
+    g = torch.randn(5, 9, dtype=torch.float64).to(DEVICE)
+    ge = torch.randn(5, 9, dtype=torch.float64).to(DEVICE)
+    ours = _run_token(lambda a, c, d: apa_fast.linear_token_logprobs(a, c, y, bias=d, temperature=tau, return_entropy=True,
+                                                                     backend="torch", softcap=cap), h, w, b, torch.float64, g, ge)
+    ref = _run_token(lambda a, c, d: reference.linear_token_logprobs(a, c, y, d, tau, -100, True, softcap=cap),
+                     h, w, b, torch.float64, g, ge)
+    for a, r in zip((ours[0], ours[1], *ours[2]), (ref[0], ref[1], *ref[2])):
+        torch.testing.assert_close(a, r, atol=1e-11, rtol=1e-11)
+    torch.testing.assert_close(ours[0], torch.where(y != -100, _capped_oracle(h, w, b, y, cap, tau), 0.0),
+                               atol=1e-11, rtol=0)
+    assert (ours[0] - reference.linear_token_logprobs(h, w, y, b, tau)).abs().max() > 0.1  # the cap matters here
+    rl, adv, m = apa_targets((5, 9), seed=7)
+    yv = torch.where(m, y.clamp(min=0), 0)
+    for scale in (1.0, -0.3):
+        def loss_of(fn):
+            return _run_apa(lambda a, c, d: fn(a, c, d)(apa_token_loss(rl, adv, m, lam=0.5)), h, w, b, torch.float64, scale)
+
+        la, ga = loss_of(lambda a, c, d: lambda L: apa_fast.linear_token_loss(a, c, yv, L, bias=d, temperature=tau,
+                                                                              backend="torch", softcap=cap))
+        lb, gb = loss_of(lambda a, c, d: lambda L: L(reference.linear_token_logprobs(a, c, torch.where(m, yv, -100), d, tau,
+                                                                                    softcap=cap)))
+        torch.testing.assert_close(la, lb, atol=1e-11, rtol=1e-11)
+        for a, r in zip(ga, gb):
+            torch.testing.assert_close(a, r, atol=1e-11, rtol=1e-11)
+    hh, hr = h.clone().requires_grad_(), h.clone().requires_grad_()  # frozen head: dlogp/dh formed in forward
+    (apa_fast.linear_token_logprobs(hh, w, y, bias=b, temperature=tau, backend="torch", softcap=cap) * g).sum().backward()
+    (reference.linear_token_logprobs(hr, w, y, b, tau, softcap=cap) * g).sum().backward()
+    torch.testing.assert_close(hh.grad, hr.grad, atol=1e-11, rtol=1e-11)
+
+
+def test_softcap_gradcheck_and_fp32(small_chunks):
+    h, w, b, y = _make((2, 3), 5, 7)
+    args = tuple(x.detach().clone().requires_grad_() for x in (h, w, b))
+    assert torch.autograd.gradcheck(
+        lambda a, c, d: apa_fast.linear_token_logprobs(a, c, y, bias=d, temperature=0.8, return_entropy=True,
+                                                       backend="torch", softcap=1.5), args, eps=1e-6, atol=1e-7)
+    # fp32 against the float64 reference: log-probs 2e-5 and gradients 1e-5 (relative to their size), as without a cap
+    h, w, b, y = _make((4, 7), 32, 257)
+    g, ge = torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64)
+    ours = _run_token(lambda a, c, d: apa_fast.linear_token_logprobs(a, c, y, bias=d, temperature=0.7, return_entropy=True,
+                                                                     backend="torch", softcap=2.0), h, w, b, torch.float32, g, ge)
+    ref = _run_token(lambda a, c, d: reference.linear_token_logprobs(a, c, y, d, 0.7, -100, True, softcap=2.0),
+                     h.float(), w.float(), None if b is None else b.float(), torch.float64, g, ge)
+    _close("logp", ours[0], ref[0], FP32_ATOL)
+    _close("entropy", ours[1], ref[1], FP32_ATOL)
+    for name, a, r in zip(("grad_h", "grad_W", "grad_b"), ours[2], ref[2]):
+        _close(name, a, r, 1e-5 * max(1.0, r.abs().max().item()))
+
+
+def test_softcap_refused_where_not_implemented():
+    h, w, b, y = _make((2, 3), 5, 7)
+    with pytest.raises(ValueError, match="softcap must be > 0|softcap"):
+        apa_fast.linear_token_logprobs(h, w, y, softcap=0.0, backend="torch")
+    with pytest.raises(ValueError, match="softcap is not implemented by the 'triton' backend yet; use backend='torch'"):
+        apa_fast.linear_token_logprobs(h.float(), w.float(), y, softcap=2.0, backend="triton")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_fixtures import cfg_for, make_tiny_hf_model, make_tiny_model, tiny_args, tiny_config, two_steps_with_evals
+from train_fixtures import (cfg_for, main_error, make_tiny_hf_model, make_tiny_model, tiny_args, tiny_config,
+                            two_steps_with_evals)
 
 from train import run as R
 from train.config import parse_args
@@ -21,14 +22,7 @@ def tiny(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", n_layer=1)
 
 
-def _main_error(argv, capsys) -> str:
-    rc = R.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
+_main_error = main_error
 
 
 # ---------------------------------------------------------------- the paper's GPT-J reward checkpoint
@@ -298,13 +292,19 @@ def test_a_scaled_head_trains_with_exact_logprobs(tmp_path, capsys):
     assert len(rows) == 2 and all(0 <= r["logp_mismatch"] < 1e-5 for r in rows), [r["logp_mismatch"] for r in rows]
 
 
-def test_a_soft_capped_head_is_refused_in_one_line(tmp_path, capsys):
-    """Gemma 2 soft-caps its logits after the head: refused with one line, never trained on wrong log-probs."""
-    path = make_tiny_hf_model(tmp_path / "gemma2", "gemma2", n_layer=1, head_dim=16, final_logit_softcapping=0.5,
-                              tie_word_embeddings=False)
-    capsys.readouterr()  # the save's progress bar
-    line = _main_error(tiny_args(path, tmp_path / "out"), capsys)
-    assert "Gemma2ForCausalLM soft-caps its logits (final_logit_softcapping=0.5)" in line
+def test_a_head_transform_the_fused_op_does_not_apply_is_refused(tmp_path):
+    """Logits post-processed in a way the config does not declare (here a real forward hook on the LM head adds a
+    bias the fused op never sees) are refused with one line, never trained on wrong log-probs."""
+    from transformers import AutoModelForCausalLM
+
+    from train.models import head_transform
+
+    lm = AutoModelForCausalLM.from_pretrained(make_tiny_hf_model(tmp_path / "llama", "llama", n_layer=1))
+    assert head_transform(lm) == (1.0, None)
+    lm.lm_head.register_forward_hook(lambda mod, args, out: out + torch.arange(out.shape[-1], dtype=out.dtype))
+    with pytest.raises(LoadError, match="^LlamaForCausalLM transforms its logits after the LM head in a way the fused "
+                                        "log-probs do not apply"):
+        head_transform(lm)
 
 
 def test_tied_head_trains_and_exports_tied(tmp_path, capsys):

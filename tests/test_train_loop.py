@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_fixtures import REPO, cfg_for, experience, make_tiny_model, run_trainer, tiny_args
+from train_fixtures import REPO, cfg_for, experience, make_tiny_model, metric_rows, run_trainer, tiny_args
 
 from train import run as R
 from train.errors import LoadError
@@ -86,7 +86,7 @@ def test_nan_rewards_are_reported_and_left_out(tiny, tmp_path, capsys):
     cfg, d, m = _models(tiny, tmp_path, "--reward-model", "train_fixtures:nan_reward")
     prompts = R.load_prompts(cfg.dataset, "train", "prompt")[:8]
     ro = R.rollout(m, prompts, cfg, d)
-    scores = R.score(m, ro, d, print)
+    scores = R.score(m.reward, ro, d, print)
     assert int((~torch.isfinite(scores)).sum()) == 4
     assert "not a finite number for 4/8 samples" in capsys.readouterr().out
     b = R.make_experience(m, ro, scores, scores, cfg, 0.05, d)
@@ -118,10 +118,7 @@ def test_one_to_two_ranks_same_parameters(tiny, tmp_path, extra):
     assert diff <= 1e-5 * step
 
 
-def _rows(out: Path) -> list[dict]:
-    drop = {"tokens_per_s", "iter_s", "max_mem_gb", "max_rss_gb"}  # measured, not computed
-    return [{k: v for k, v in json.loads(ln).items() if k not in drop and not k.startswith("time_") and k != "logp_mismatch"}
-            for ln in (out / "metrics.jsonl").read_text().splitlines()]
+_rows = metric_rows
 
 
 def test_end_to_end_kill_resume_and_export(tiny, tmp_path):

@@ -76,6 +76,28 @@ def two_steps_with_evals(model_dir: Path, out: Path, *extra: str) -> list[dict]:
     return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def metric_rows(out: Path) -> list[dict]:
+    """The computed metrics of a run (``metrics.jsonl``), without the measured ones (times, memory, tokens/s)."""
+    import json
+
+    drop = {"tokens_per_s", "iter_s", "max_mem_gb", "max_rss_gb"}  # measured, not computed
+    return [{k: v for k, v in json.loads(ln).items() if k not in drop and not k.startswith("time_") and k != "logp_mismatch"}
+            for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def main_error(argv: list[str], capsys) -> str:
+    """``train.run.main(argv)`` must fail with exit code 2 and exactly one line on stderr; that line."""
+    from train import run as R
+
+    rc = R.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
 def digit_reward(prompts, completions, **_):
     """Deterministic, non-trivial: the sum of the completion's digits / 10."""
     return [sum(int(ch) for ch in c if ch.isdigit()) / 10.0 for c in completions]
@@ -138,7 +160,7 @@ def experience(m, cfg, d, prompts: list[str], beta: float | None = None, **rollo
     if beta is None:
         beta = cfg.kl_init if cfg.algo == "ppo" else cfg.kl_coef
     ro = R.rollout(m, prompts, cfg, d, **rollout_kw)
-    scores = R.score(m, ro, d, print)
+    scores = R.score(m.reward, ro, d, print)
     return ro, R.make_experience(m, ro, scores, scores, cfg, beta, d)
 
 
@@ -169,7 +191,7 @@ def one_update(model_dir: str, out_file: str, *extra: str) -> None:
         P, V = ro.prompt_len, m.policy.config.vocab_size
         ro.response[1::2, 0] = (ro.response[1::2, 0] + 1) % V
         ro.input_ids[1::2, P] = ro.response[1::2, 0]
-    scores = R.score(m, ro, d, print)
+    scores = R.score(m.reward, ro, d, print)
     b = R.make_experience(m, ro, scores, scores, cfg, 0.05, d)
     R.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(0))
     full = {}
@@ -205,4 +227,70 @@ def make_tiny_seqcls_reward(path: Path, seed: int = 1) -> Path:
     cfg.num_labels = 1
     GPTJForSequenceClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)
+    return Path(path)
+
+
+POLICY_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+REWARD_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}|{% endfor %}"
+CHAT_CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789+=?.,:|[] \n")
+
+
+def chat_tokenizer(chars: list[str], specials: list[str], template: str | None, bos: str | None = None):
+    """A real ``PreTrainedTokenizerFast`` (``tokenizers`` WordLevel over single characters) whose ``specials`` are
+    single tokens; ``bos``: prepended by its post-processor (as Llama's tokenizer does); ``template``: its chat
+    template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    named = {"pad_token": "<pad>", "eos_token": "<eos>", "unk_token": "<unk>", **({"bos_token": bos} if bos else {})}
+    extra = [t for t in specials if t not in named.values()]
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, **named, additional_special_tokens=extra)
+    out.chat_template = template
+    return out
+
+
+def make_chat_policy(path: Path, template: str | None = POLICY_TEMPLATE) -> Path:
+    """A tiny random Llama whose tokenizer (BOS added by its post-processor) has the chat ``template``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = chat_tokenizer(CHAT_CHARS, ["<pad>", "<eos>", "<unk>", "<s>", "<|system|>", "<|user|>", "<|assistant|>"],
+                         template, bos="<s>")
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)
+
+
+def make_foreign_reward(path: Path, template: str | None = REWARD_TEMPLATE) -> Path:
+    """A tiny random GPT-2 sequence-classification reward model with a tokenizer of its own (another vocabulary order,
+    no BOS) and its own chat ``template``."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    tok = chat_tokenizer(CHAT_CHARS[::-1], ["<unk>", "<eos>", "<pad>"], template)
+    cfg = AutoConfig.for_model("gpt2", vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=256,
+                               num_labels=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(1)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)
+
+
+CHATS = [[{"role": "system", "content": "be brief."}, {"role": "user", "content": f"{a}+{b}=?"}]
+         for a, b in ((1, 2), (7, 11), (3, 4), (10, 12))]
+
+
+def write_chats(path: Path, column: str = "messages") -> Path:
+    import json
+
+    Path(path).write_text("".join(json.dumps({column: c}) + "\n" for c in CHATS))
     return Path(path)

@@ -125,6 +125,23 @@ def load(path: Path, state: TrainState) -> None:
         dcp.load({"app": state}, checkpoint_id=str(path))
 
 
+def merged_lora_copy(peft_lm: torch.nn.Module, sd: dict) -> torch.nn.Module:
+    """A fresh copy of the base model (CPU) holding ``sd`` (the peft model's full state dict), its LoRA adapters merged
+    (``W + (alpha / R) B A``, peft's ``merge_and_unload``): the trained policy, with no peft needed to load it.
+    The live model is left as it is (sharded under FSDP, adapters unmerged)."""
+    import copy
+
+    from peft import get_peft_model
+
+    base = peft_lm.get_base_model()
+    copy_ = type(base)(copy.deepcopy(base.config)).to(next(iter(sd.values())).dtype)
+    with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        copy_ = get_peft_model(copy_, copy.deepcopy(peft_lm.peft_config[peft_lm.active_adapter]))
+        copy_.load_state_dict(sd)
+        return copy_.merge_and_unload()
+
+
 def export_pretrained(policy: torch.nn.Module, tokenizer, out: Path) -> None:
     """``save_pretrained`` (safetensors) of the policy's causal LM, loadable with ``AutoModelForCausalLM``.
 
@@ -140,10 +157,13 @@ def export_pretrained(policy: torch.nn.Module, tokenizer, out: Path) -> None:
     if _rank() != 0:
         return
     sd = {k.removeprefix("lm."): v for k, v in sd.items() if k.startswith("lm.")}
+    lm = policy.lm
+    if getattr(policy, "lora", False):  # the adapters merged into a copy of the base: a plain transformers model
+        lm, sd = merged_lora_copy(policy.lm, sd), None
     out = Path(out)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.lm.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+    lm.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if out.exists():

@@ -89,7 +89,16 @@ class Config:
                      "the policy ('shared'), or none (with --advantage group); '': none with group advantages, else separate",
                      choices=["", "separate", "shared", "none"])
     unfrozen_layers: int = _f(-2, "train only the top N transformer blocks (+ final norm and heads); -1: all; "
-                              "-2: the preset's (paper: 2)")
+                              "-2: the preset's (paper: 2; with --lora-rank: all). With LoRA the base stays frozen and "
+                              "only the top N blocks get adapters")
+    lora_rank: int = _f(0, "LoRA (peft): rank R of the adapters; the base weights stay frozen, the policy trains only "
+                        "its adapters (and a value head), and the initial policy is the same base with the adapters "
+                        "disabled (no second copy); a separate critic gets adapters of its own; 0: off (full fine-tuning)")
+    lora_alpha: float = _f(0.0, "LoRA alpha (the adapters' scale is alpha / R); 0: 2 * R")
+    lora_dropout: float = _f(0.0, "LoRA dropout on the adapters' input")
+    lora_targets: str = _f("", "LoRA: comma-separated layer names (suffixes, e.g. q_proj,v_proj) to adapt inside the "
+                           "transformer blocks; '': every Linear (GPT-2: Conv1D) layer of attention and MLP. With "
+                           "--unfrozen-layers N >= 0 only the top N blocks get adapters (default with LoRA: all)")
     precision: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16'",
                         choices=["auto", "fp32", "bf16"])
     kernel_backend: str = _f("auto", "log-prob/APA kernels from hidden states: auto | torch | triton | reference "
@@ -150,6 +159,8 @@ def apply_preset(cfg: Config) -> Config:
         cfg.lam = 1.0  # AWR's own default temperature (exp(A/0.1) of whitened advantages overflows)
     cfg.advantage = cfg.advantage or ("group" if cfg.algo == "grpo" else "gae")
     cfg.critic = cfg.critic or ("none" if cfg.advantage == "group" else "separate")
+    if cfg.lora_rank > 0 and cfg.unfrozen_layers == _UNSET["unfrozen_layers"]:
+        cfg.unfrozen_layers = -1  # LoRA: adapters on every block unless --unfrozen-layers N is given
     for k, unset in _UNSET.items():
         if getattr(cfg, k) == unset and k in p:
             setattr(cfg, k, p[k])

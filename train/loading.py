@@ -98,6 +98,8 @@ def load_tokenizer(name: str, *, trust_remote_code: bool, what: str = "tokenizer
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"cannot load the tokenizer of {name!r}: {_first_line(e)}") from None
+    if not tok.vocab_size:  # transformers builds an empty tokenizer where the files are missing: no silent zeros
+        raise LoadError(f"cannot load the tokenizer of {name!r}: no tokenizer files there (its vocabulary is empty)")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -129,14 +131,48 @@ def _check_json_lines(path: str, column: str) -> None:
             if isinstance(obj, dict) and column not in obj:
                 raise LoadError(f"{path}: row {row} (line {lineno}) has no {column!r} field (it has {sorted(obj)}); "
                                 f"fix the row or pass --prompt-column")
-            if not isinstance(obj, dict) or not isinstance(obj.get(column), str) or not obj[column].strip():
-                got = obj.get(column) if isinstance(obj, dict) else obj
-                raise LoadError(f"{path}: row {row} (line {lineno}) has {column!r} = {got!r}; expected a non-empty string")
+            got = obj.get(column) if isinstance(obj, dict) else obj
+            if not isinstance(obj, dict) or not is_prompt(got):
+                raise LoadError(f"{path}: row {row} (line {lineno}) has {column!r} = {got!r}; expected {PROMPT_FORM}")
             row += 1
 
 
-def load_prompts(dataset: str | None, split: str, column: str) -> list[str]:
-    """Prompts as a list of strings, loaded through ``datasets``; a malformed row is named."""
+PROMPT_FORM = "a non-empty string, or a non-empty list of {\"role\": str, \"content\": str} messages (a chat)"
+Prompt = str | list  # a plain string, or a chat: a list of {"role", "content"} messages
+
+
+def is_prompt(p) -> bool:
+    """A non-empty string, or a non-empty list of messages each with a string role and string content."""
+    if isinstance(p, str):
+        return bool(p.strip())
+    return isinstance(p, list) and len(p) > 0 and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in p)
+
+
+def as_messages(p: Prompt) -> list[dict] | None:
+    """A chat prompt's messages as plain {role, content} dicts (``datasets`` may add other keys); None for a string."""
+    return None if isinstance(p, str) else [{"role": m["role"], "content": m["content"]} for m in p]
+
+
+def render_prompt(p: Prompt, tokenizer) -> str:
+    """The text the policy is prompted with: a string as it is; a chat rendered with the tokenizer's chat template
+    and the assistant's turn opened (``apply_chat_template(..., add_generation_prompt=True, tokenize=False)``)."""
+    if isinstance(p, str):
+        return p
+    return tokenizer.apply_chat_template(as_messages(p), add_generation_prompt=True, tokenize=False)
+
+
+def check_chat_prompts(prompts: list[Prompt], tokenizer, model: str, column: str) -> None:
+    """Chat prompts need a tokenizer with a chat template: refused in one line when it has none."""
+    if any(not isinstance(p, str) for p in prompts) and not getattr(tokenizer, "chat_template", None):
+        raise LoadError(f"--prompt-column {column!r} holds chat messages but the tokenizer of --model {model!r} has no "
+                        "chat template; use a chat model's tokenizer (or set tokenizer.chat_template and save it "
+                        "there), or plain-string prompts")
+
+
+def load_prompts(dataset: str | None, split: str, column: str) -> list[Prompt]:
+    """Prompts as a list of strings or chats (lists of {role, content} messages), loaded through ``datasets``; a
+    malformed row is named."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -168,8 +204,8 @@ def load_prompts(dataset: str | None, split: str, column: str) -> list[str]:
                         f"pass --prompt-column")
     prompts = []
     for i, p in enumerate(ds[column]):
-        if not isinstance(p, str) or not p.strip():
-            raise LoadError(f"dataset {dataset!r}: row {i} has {column!r} = {p!r}; expected a non-empty string")
+        if not is_prompt(p):
+            raise LoadError(f"dataset {dataset!r}: row {i} has {column!r} = {p!r}; expected {PROMPT_FORM}")
         prompts.append(p)
     if not prompts:
         raise LoadError(f"dataset {dataset!r} (split {split!r}) has no rows")

@@ -11,6 +11,7 @@ method so that sampling sees whole weights too.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -56,14 +57,20 @@ class Policy(nn.Module):
     """A causal LM whose response tokens are scored from hidden states by apa_fast (optionally with a value
     head on the same hidden states: ``--critic shared``)."""
 
-    def __init__(self, lm: nn.Module, value_head: bool = False, logit_scale: float = 1.0):
+    def __init__(self, lm: nn.Module, value_head: bool = False, logit_scale: float = 1.0, lora: bool = False,
+                 softcap: float | None = None):
         super().__init__()
-        self.lm, self.logit_scale = lm, logit_scale
+        self.lm, self.logit_scale, self.lora, self.softcap = lm, logit_scale, lora, softcap
         self.v_head = ValueHead(lm.config.get_text_config().hidden_size).to(lm.device) if value_head else None
 
     @property
     def config(self):
         return self.lm.config
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The transformers causal LM (with LoRA: the model peft wraps, its adapter layers injected in place)."""
+        return self.lm.get_base_model() if self.lora else self.lm
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, labels: Tensor, start: int, *,
                 loss: TokenLoss | None = None, entropy: bool = False, values: bool = False,
@@ -72,28 +79,43 @@ class Policy(nn.Module):
 
         With ``loss`` (a per-token loss of the log-probs, ``apa_fast.losses``) returns that loss, fused;
         otherwise the log-probs (and entropy). ``backend="eager"`` builds the logits: the baseline."""
-        h = _final_hidden(self.lm.base_model, input_ids, attention_mask, position_ids)[:, start : start + labels.shape[1]]
+        lm = self.causal_lm
+        h = _final_hidden(lm.base_model, input_ids, attention_mask, position_ids)[:, start : start + labels.shape[1]]
         temperature = temperature / self.logit_scale  # a head's scaling, folded into the softmax's temperature
-        head = self.lm.get_output_embeddings()
+        head = lm.get_output_embeddings()
         w, b = head.weight, head.bias
         out = TokenScores(values=self.v_head(h) if values else None)
+        cap = self.softcap
         if backend == "eager":
-            lp = reference.token_logprobs(F.linear(h, w, b), labels, temperature, return_entropy=entropy)
+            lp = reference.token_logprobs(F.linear(h, w, b), labels, temperature, return_entropy=entropy, softcap=cap)
             lp, out.entropy = lp if entropy else (lp, None)
             if loss is None:
                 out.logprobs = lp
             else:
                 out.loss = loss(lp)
         elif loss is not None:
-            out.loss = apa_fast.linear_token_loss(h, w, labels, loss, bias=b, temperature=temperature, backend=backend)
+            out.loss = apa_fast.linear_token_loss(h, w, labels, loss, bias=b, temperature=temperature, backend=backend,
+                                                  softcap=cap)
         else:
             lp = apa_fast.linear_token_logprobs(h, w, labels, bias=b, temperature=temperature,
-                                                return_entropy=entropy, backend=backend)
+                                                return_entropy=entropy, backend=backend, softcap=cap)
             out.logprobs, out.entropy = lp if entropy else (lp, None)
         return out
 
     def generate(self, **kw):
         return self.lm.generate(**kw)
+
+
+class AdaptersOff:
+    """The initial policy under LoRA: the policy itself with its adapters disabled (peft's ``disable_adapter``),
+    i.e. the frozen base weights, so no second copy of the model is loaded. Called like a ``Policy``."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+
+    def __call__(self, *args, **kw) -> TokenScores:
+        with self.policy.lm.disable_adapter():
+            return self.policy(*args, **kw)
 
 
 class Critic(nn.Module):
@@ -111,31 +133,34 @@ class Critic(nn.Module):
 
 
 @torch.no_grad()
-def head_logit_scale(lm: nn.Module) -> float:
-    """The factor ``s`` with ``logits = s * (hidden @ W.T + b)``: 1 for a plain head; Granite's
-    ``1 / logits_scaling`` and Cohere's ``logit_scale`` are read from the config and folded into the
-    temperature (``softmax(s z / tau) = softmax(z / (tau / s))``, exact). One tiny forward compares the
-    model's own logits with ``s`` times the head applied to its hidden states; a model that does anything
-    else after its head (Gemma 2's soft-capping, ...) is refused with one line, never trained on wrong
-    log-probs."""
+def head_transform(lm: nn.Module) -> tuple[float, float | None]:
+    """``(s, c)`` with ``logits = c' tanh(s z / c')`` (c' the config's soft-cap; no tanh when none) and
+    ``z = hidden @ W.T + b``, given as the fused op's arguments: ``s`` folds into the temperature
+    (``softmax(s x / tau) = softmax(x / (tau / s))``) and ``c = c' / s`` is the cap on ``z`` itself
+    (``c' tanh(s z / c') = s c tanh(z / c)``), both exact. ``s``: Granite's ``1 / logits_scaling``, Cohere's
+    ``logit_scale``; ``c'``: Gemma 2's ``final_logit_softcapping``, all read from the config. One tiny forward
+    compares the model's own logits with that transform of the head applied to its hidden states; a model that
+    does anything else after its head is refused with one line, never trained on wrong log-probs."""
     head = lm.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise LoadError(f"{type(lm).__name__}: its output layer is {type(head).__name__}, not a Linear LM head")
     c = lm.config.get_text_config()
     s = 1.0 / float(getattr(c, "logits_scaling", None) or 1.0) * float(getattr(c, "logit_scale", None) or 1.0)
+    cap = getattr(c, "final_logit_softcapping", None)
+    cap = float(cap) / s if cap else None
     ids = torch.arange(min(4, head.out_features), device=head.weight.device).unsqueeze(0)
     mask, pos = torch.ones_like(ids), torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
     was_training = lm.training
     lm.eval()
     logits = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
-    ours = s * F.linear(_final_hidden(lm.base_model, ids, mask, pos), head.weight, head.bias).float()
+    z = F.linear(_final_hidden(lm.base_model, ids, mask, pos), head.weight, head.bias).float()
+    ours = s * (z if cap is None else cap * torch.tanh(z / cap))
     lm.train(was_training)
     if not torch.allclose(logits, ours, rtol=1e-3, atol=1e-3 * max(1.0, float(ours.abs().max()))):
-        cap = getattr(c, "final_logit_softcapping", None)
-        what = f"soft-caps its logits (final_logit_softcapping={cap})" if cap else "transforms its logits after the LM head"
-        raise LoadError(f"{type(lm).__name__} {what}; the fused log-probs do not apply that yet, so the trainer "
-                        "refuses this model")
-    return s
+        raise LoadError(f"{type(lm).__name__} transforms its logits after the LM head in a way the fused log-probs "
+                        "do not apply (they apply a constant scale and final_logit_softcapping only), so --model is "
+                        "refused; pass a model whose logits are its LM head's output (scaled or soft-capped)")
+    return s, cap
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
@@ -165,6 +190,45 @@ def freeze_bottom(model: Policy | Critic, unfrozen_layers: int) -> None:
     for head in heads:
         if head is not None:
             head.requires_grad_(True)
+
+
+def lora_target_names(model: nn.Module, targets: str = "", unfrozen_layers: int = -1) -> list[str]:
+    """Qualified names of the layers LoRA adapts: the Linear (GPT-2: Conv1D) layers inside the transformer blocks
+    (attention and MLP; the top ``unfrozen_layers`` blocks when >= 0), those whose name ends with one of the
+    comma-separated ``targets`` when given. Found in the model itself, so no list of architectures; a target that
+    matches nothing is refused with one line."""
+    from transformers.pytorch_utils import Conv1D
+
+    blocks = list(transformer_blocks(model))
+    if unfrozen_layers >= 0:
+        blocks = blocks[len(blocks) - unfrozen_layers :] if unfrozen_layers > 0 else []
+    prefix = {id(m): n for n, m in model.named_modules()}
+    layers = [f"{prefix[id(b)]}.{n}" for b in blocks for n, m in b.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    wanted = [t.strip() for t in targets.split(",") if t.strip()]
+    for t in wanted:
+        if not any(n == t or n.endswith("." + t) for n in layers):
+            short = sorted({n.rsplit(".", 1)[-1] for n in layers})
+            raise LoadError(f"--lora-targets {t!r} matches no Linear layer in the transformer blocks of "
+                            f"{type(model).__name__} (its layers: {', '.join(short) or 'none'}); pass some of those")
+    if wanted:
+        layers = [n for n in layers if any(n == t or n.endswith("." + t) for t in wanted)]
+    if not layers:
+        raise LoadError(f"LoRA finds no Linear layer to adapt in the transformer blocks of {type(model).__name__} "
+                        f"(--unfrozen-layers {unfrozen_layers}); pass --unfrozen-layers -1 or --lora-rank 0")
+    return layers
+
+
+def add_lora(model: nn.Module, cfg, causal_lm: bool) -> nn.Module:
+    """``model`` wrapped by peft with LoRA adapters of rank ``cfg.lora_rank`` on ``lora_target_names``; peft freezes
+    every base weight. An adapter adds ``(alpha / R) * B A x`` with B = 0 at first, so training starts at the base."""
+    from peft import LoraConfig, get_peft_model
+
+    lc = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank, lora_dropout=cfg.lora_dropout,
+                    target_modules=lora_target_names(model, cfg.lora_targets, cfg.unfrozen_layers),
+                    task_type="CAUSAL_LM" if causal_lm else None)
+    with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing: not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, lc)
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -197,11 +261,12 @@ def make_critic(body: nn.Module, config) -> Critic:
 @dataclass
 class Models:
     policy: Policy  # trainable
-    ref: Policy | None  # the frozen initial policy (None when nothing reads it: GRPO with --kl-loss-coef 0)
+    ref: Policy | AdaptersOff | None  # the frozen initial policy (None when nothing reads it: GRPO with
+    # --kl-loss-coef 0); with LoRA the policy with its adapters disabled
     critic: Critic | None  # None when the value head is on the policy (--critic shared)
     tokenizer: object
-    reward: object  # (prompts, completions) -> list of floats
-    gold: object | None = None  # --gold-reward: scored and logged, never trained on
+    reward: object  # (prompts, completions, messages=None) -> list of floats (train/rewards.py)
+    gold: object | None = None  # --gold-reward: the same form; scored and logged, never trained on
 
 
 def attn_implementation(attn: str) -> tuple[str, ...]:
@@ -252,23 +317,30 @@ def build_models(cfg, d, log) -> Models:
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
     # the trainable policy keeps fp32 master weights; FSDP2's MixedPrecisionPolicy computes in bf16 on GPU
     lm = load_causal_lm(path, dtype=torch.float32, attn=attn, trust_remote_code=cfg.trust_remote_code)
-    scale = head_logit_scale(lm)
+    scale, softcap = head_transform(lm)
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
-    policy = Policy(lm, value_head=cfg.critic == "shared", logit_scale=scale)
-    freeze_bottom(policy, cfg.unfrozen_layers)
+    lora = cfg.lora_rank > 0  # the base frozen whole (peft), adapters (and a value head) trained
+    policy = Policy(add_lora(lm, cfg, causal_lm=True) if lora else lm, value_head=cfg.critic == "shared",
+                    logit_scale=scale, lora=lora, softcap=softcap)
+    if not lora:
+        freeze_bottom(policy, cfg.unfrozen_layers)
     policy = place(policy, trainable=True)
 
     ref = None
     if cfg.algo != "grpo" or cfg.kl_loss_coef > 0 or cfg.kl_coef != 0:
-        ref_lm = load_causal_lm(path, dtype=frozen_dtype, attn=attn, trust_remote_code=cfg.trust_remote_code,
-                                what="initial policy")
-        ref = place(Policy(ref_lm, logit_scale=scale).requires_grad_(False).eval())
+        if lora:  # the initial policy is the base: the same weights with the adapters off
+            ref = AdaptersOff(policy)
+        else:
+            ref_lm = load_causal_lm(path, dtype=frozen_dtype, attn=attn, trust_remote_code=cfg.trust_remote_code,
+                                    what="initial policy")
+            ref = place(Policy(ref_lm, logit_scale=scale, softcap=softcap).requires_grad_(False).eval())
 
     critic = None
     if cfg.critic == "separate":  # the authors' separate critic: the SFT model's transformer + a scalar head
         body = load_base_model(path, dtype=torch.float32, attn=attn, trust_remote_code=cfg.trust_remote_code)
-        critic = make_critic(body, lm.config)
-        freeze_bottom(critic, cfg.unfrozen_layers)
+        critic = make_critic(add_lora(body, cfg, causal_lm=False) if lora else body, lm.config)
+        if not lora:
+            freeze_bottom(critic, cfg.unfrozen_layers)
         critic = place(critic, trainable=True)
 
     def reward(spec: str):

@@ -1,7 +1,9 @@
 """Rewards: Python functions, HF sequence-classification models, and the paper's raw GPT-J reward checkpoint.
 
-Every reward maps ``(prompts, completions)`` to one float per sample. Non-numbers and NaN are kept as
-NaN here; the trainer reports them and drops those samples from the loss (``score`` in ``run.py``).
+Every reward maps ``(prompts, completions, messages)`` to one float per sample: ``prompts`` are the texts the
+policy saw, ``messages`` each chat prompt's original messages (None for a plain-string prompt; the whole argument
+may be None). A ``module:function`` reward is called as ``function(prompts, completions)``. Non-numbers and NaN are
+kept as NaN here; the trainer reports them and drops those samples from the loss (``score`` in ``run.py``).
 
 The paper's reward model (``Dahoas/gptj-rm-static``) is not a transformers checkpoint: it is a raw
 ``torch.save``d state dict of a GPT-J ``transformer`` (keys ``transformer.*``) plus a bias-free
@@ -44,7 +46,7 @@ class FunctionReward:
             raise LoadError(f"cannot load reward function {spec!r}: {_first_line(e)}") from None
         self.name = spec
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], completions: list[str], messages: list | None = None) -> list[float]:
         out = self.fn(prompts, completions)
         return [_as_float(x) for x in out]
 
@@ -58,7 +60,10 @@ def _as_float(x) -> float:
 
 
 class HFRewardModel:
-    """A ``AutoModelForSequenceClassification`` reward model scoring ``prompt + completion``."""
+    """An ``AutoModelForSequenceClassification`` reward model reading text through its own tokenizer, never the
+    policy's token ids: a chat prompt's messages plus ``{"role": "assistant", "content": completion}`` rendered with
+    the reward model's own chat template, or ``prompt + completion`` (the text the policy saw) when the prompt is a
+    plain string or the reward tokenizer has no template."""
 
     def __init__(self, name: str, device, dtype, trust_remote_code: bool):
         from transformers import AutoModelForSequenceClassification
@@ -70,16 +75,34 @@ class HFRewardModel:
             ).to(device).eval()
         except Exception as e:  # noqa: BLE001
             raise LoadError(f"cannot load reward model {name!r} as sequence classification: {_first_line(e)}") from None
-        self.tok = load_tokenizer(name, trust_remote_code=trust_remote_code, what="reward tokenizer")
+        try:
+            self.tok = load_tokenizer(name, trust_remote_code=trust_remote_code, what="reward tokenizer")
+        except LoadError as e:
+            raise LoadError(f"--reward-model {name!r}: {e}; the reward model reads text with its own tokenizer, so save "
+                            "it beside the model (tokenizer.save_pretrained(DIR))") from None
         self.tok.padding_side = "right"
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tok.pad_token_id
         self.device, self.name = device, name
 
+    def texts(self, prompts: list[str], completions: list[str], messages: list | None = None) -> list[tuple[str, bool]]:
+        """What the reward model reads for each sample, and whether that text came from its chat template (which
+        holds its own special tokens, so none are added when tokenising)."""
+        out = []
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            msgs = messages[i] if messages is not None else None
+            if msgs is not None and getattr(self.tok, "chat_template", None):
+                conv = [*msgs, {"role": "assistant", "content": c}]
+                out.append((self.tok.apply_chat_template(conv, tokenize=False), True))
+            else:
+                out.append((p + c, False))
+        return out
+
     @torch.no_grad()
-    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
-        enc = self.tok([p + c for p, c in zip(prompts, completions)], padding=True, truncation=True,
-                       return_tensors="pt").to(self.device)
+    def __call__(self, prompts: list[str], completions: list[str], messages: list | None = None) -> list[float]:
+        ids = [self.tok(t, add_special_tokens=not templated, truncation=True)["input_ids"]
+               for t, templated in self.texts(prompts, completions, messages)]
+        enc = self.tok.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
         return self.model(**enc).logits[:, 0].float().cpu().tolist()
 
 
@@ -186,8 +209,8 @@ class GPTJRawReward:
         self.tok, self.device, self.name = tokenizer, device, str(path)
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
-        eos = self.tok.eos_token
+    def __call__(self, prompts: list[str], completions: list[str], messages: list | None = None) -> list[float]:
+        eos = self.tok.eos_token  # the policy's tokenizer (the GPT-J setup shares it): plain text, no template
         texts = [p + c + eos for p, c in zip(prompts, completions)]
         side = self.tok.padding_side
         self.tok.padding_side = "right"
@@ -200,7 +223,7 @@ class GPTJRawReward:
 
 def load_reward(spec: str, *, policy_config, tokenizer, device, dtype, trust_remote_code: bool,
                 gptj_reward_at: str = "before_eos"):
-    """A callable ``(prompts, completions) -> list[float]`` from ``--reward-model``; ``gptj_reward_at`` is where a
+    """A callable ``(prompts, completions, messages=None) -> list[float]`` from ``--reward-model``; ``gptj_reward_at`` is where a
     raw GPT-J reward checkpoint is read (``before_eos`` or ``eos``, see the module docstring)."""
     if ":" in spec and not Path(spec).exists() and "/" not in spec.partition(":")[0]:
         return FunctionReward(spec)

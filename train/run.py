@@ -32,10 +32,10 @@ from . import checkpoint as ckpt
 from .config import Config, parse_args, preset_name
 from .dist import Dist, setup_dist
 from .errors import LoadError
-from .loading import check_model_source, load_prompts
+from .loading import Prompt, as_messages, check_chat_prompts, check_model_source, load_prompts, load_tokenizer, render_prompt
 from .metrics import MetricsLog, peak_rss_gb, plot_runs, read_metrics
 from .models import Models, build_models, position_ids_from_mask
-from .offline import DATA_DIR
+from .offline import DATA_DIR, build_tokenizer
 from .rewards import RewardScaler
 
 # --------------------------------------------------------------------------------------------------
@@ -52,9 +52,10 @@ class Rollout:
     prompt_len: int  # P: position P-1 predicts the first response token
     response: Tensor  # (B, R) sampled tokens (pad after the first EOS)
     mask: Tensor  # (B, R) bool: tokens up to and including the first EOS
-    prompts: list[str]
+    prompts: list[str]  # the text the policy saw (chats rendered with its chat template)
     completions: list[str]
     logp_sample: Tensor | None = None  # (B, R) the sampler's own log-probs, when asked for
+    messages: list[list[dict] | None] | None = None  # each chat prompt's messages (None: a plain-string prompt)
 
 
 @dataclass
@@ -90,14 +91,17 @@ class Experience:
 
 
 @torch.no_grad()
-def rollout(m: Models, prompts: list[str], cfg: Config, d: Dist, greedy: bool = False,
+def rollout(m: Models, prompts: list[Prompt], cfg: Config, d: Dist, greedy: bool = False,
             sampling_logprobs: bool = False) -> Rollout:
-    """Sample responses with ``generate`` from left-padded prompts. ``sampling_logprobs``: also keep the
-    log-probs of the sampled tokens under the distribution ``generate`` sampled from, to check against
-    the training forward's."""
+    """Sample responses with ``generate`` from left-padded prompts (strings, or chats rendered with the policy
+    tokenizer's chat template). ``sampling_logprobs``: also keep the log-probs of the sampled tokens under the
+    distribution ``generate`` sampled from, to check against the training forward's."""
     tok = m.tokenizer
     tok.padding_side, tok.truncation_side = "left", "left"
-    enc = tok(prompts, padding=True, truncation=True, max_length=cfg.max_prompt_len, return_tensors="pt").to(d.device)
+    texts = [render_prompt(p, tok) for p in prompts]
+    chat = any(not isinstance(p, str) for p in prompts)  # a rendered template holds its own special tokens (BOS)
+    enc = tok(texts, padding=True, truncation=True, max_length=cfg.max_prompt_len, return_tensors="pt",
+              add_special_tokens=not chat).to(d.device)
     P = enc["input_ids"].shape[1]
     sample = {} if greedy else dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     m.policy.eval()
@@ -119,12 +123,12 @@ def rollout(m: Models, prompts: list[str], cfg: Config, d: Dist, greedy: bool = 
         logp_sample = reference.token_logprobs(torch.stack(gen.logits, 1), torch.where(mask, response, -100),
                                                1.0 if greedy else cfg.temperature)
     return Rollout(torch.cat([enc["input_ids"], response], 1), attn, position_ids_from_mask(attn), P, response, mask,
-                   list(prompts), completions, logp_sample)
+                   texts, completions, logp_sample, [as_messages(p) for p in prompts])
 
 
 def score(reward, ro: Rollout, d: Dist, log, flag: str = "--reward-model") -> Tensor:
     """``reward``'s scores of the decoded text, (B,) float32; a NaN or non-number score is reported (and left NaN)."""
-    raw = reward(ro.prompts, ro.completions)
+    raw = reward(ro.prompts, ro.completions, ro.messages)
     if len(raw) != len(ro.prompts):
         raise RuntimeError(f"{flag} returned {len(raw)} scores for {len(ro.prompts)} completions")
     scores = torch.tensor(raw, dtype=torch.float32, device=d.device)
@@ -251,11 +255,11 @@ def update(m: Models, b: Experience, cfg: Config, d: Dist, opt: torch.optim.Opti
 class PromptSampler:
     """Global batches from a seeded permutation per epoch; rank r takes its contiguous share."""
 
-    def __init__(self, prompts: list[str], batch: int, seed: int, d: Dist):
+    def __init__(self, prompts: list[Prompt], batch: int, seed: int, d: Dist):
         self.prompts, self.batch, self.seed, self.d = prompts, batch, seed, d
         self.epoch, self.pos = 0, 0
 
-    def next(self) -> list[str]:
+    def next(self) -> list[Prompt]:
         out: list[int] = []
         while len(out) < self.batch:
             perm = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
@@ -428,7 +432,7 @@ class Run:
     progress: Progress
     state: ckpt.TrainState
     out: Path
-    eval_prompts: list[str]
+    eval_prompts: list[Prompt]
     metrics: MetricsLog | None
     bar: object
 
@@ -474,6 +478,9 @@ def setup_run(cfg: Config, d: Dist, log) -> Run:
         eval_prompts = load_prompts(str(DATA_DIR / "arith_eval.jsonl"), "train", "prompt")
     else:
         eval_prompts = prompts
+    if any(not isinstance(q, str) for q in prompts):  # chats need the policy tokenizer's template: checked first
+        tok = build_tokenizer() if cfg.model == "offline" else load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        check_chat_prompts(prompts, tok, cfg.model, cfg.prompt_column)
     m = build_models(cfg, d, log)
     _fit_positions(cfg, m, log)
     torch.manual_seed(cfg.seed + 100_003 * d.rank)  # sampling: each rank its own stream
@@ -525,6 +532,11 @@ def check_flags(cfg: Config, d: Dist) -> None:
                         "GRPO's KL term is --kl-loss-coef")
     if not cfg.kl_loss_coef >= 0:
         raise LoadError(f"--kl-loss-coef must be >= 0, got {cfg.kl_loss_coef}")
+    if cfg.lora_rank < 0:
+        raise LoadError(f"--lora-rank must be >= 1 for LoRA (or 0: off, full fine-tuning), got {cfg.lora_rank}")
+    if cfg.lora_rank > 0 and not (cfg.lora_alpha >= 0 and 0 <= cfg.lora_dropout < 1):
+        raise LoadError(f"--lora-alpha must be >= 0 (0: 2 * rank) and --lora-dropout in [0, 1), got "
+                        f"{cfg.lora_alpha} and {cfg.lora_dropout}")
 
 
 def _fit_positions(cfg: Config, m: Models, log) -> None:
@@ -559,7 +571,7 @@ def finish(run: Run, cfg: Config, d: Dist, log) -> None:
 
 
 @torch.no_grad()
-def logp_mismatch(m: Models, prompts: list[str], cfg: Config, d: Dist) -> float:
+def logp_mismatch(m: Models, prompts: list[Prompt], cfg: Config, d: Dist) -> float:
     """Largest |log-prob the sampler used - log-prob the training forward computes| over the sampled tokens
     of a few prompts (all ranks): ~1e-6 in fp32; a head or position handled wrongly shows here at once. The
     sampling runs on a forked RNG, so the run's own random stream is untouched."""
@@ -574,14 +586,14 @@ def logp_mismatch(m: Models, prompts: list[str], cfg: Config, d: Dist) -> float:
 
 
 @torch.no_grad()
-def evaluate(m: Models, prompts: list[str], cfg: Config, d: Dist, out: Path, step: int, bar) -> None:
+def evaluate(m: Models, prompts: list[Prompt], cfg: Config, d: Dist, out: Path, step: int, bar) -> None:
     """Greedy completions of the evaluation prompts (printed and appended to samples.jsonl)."""
     if not prompts:
         return
     per = math.ceil(len(prompts) / d.world)
     mine = (prompts * d.world)[d.rank * per : (d.rank + 1) * per] if d.world > 1 else prompts
     ro = rollout(m, mine, cfg, d, greedy=True)
-    rows = list(zip(ro.prompts, ro.completions, m.reward(ro.prompts, ro.completions)))
+    rows = list(zip(ro.prompts, ro.completions, m.reward(ro.prompts, ro.completions, ro.messages)))
     if d.world > 1:
         import torch.distributed as dist
 
