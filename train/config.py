@@ -70,7 +70,7 @@ class Config:
     ppo_clip: float = _f(0.2, "PPO ratio clip epsilon")
     value_clip: float = _f(0.2, "PPO value clip (APA/AWR use the unclipped value loss)")
     kl_init: float = _f(0.05, "PPO: initial KL coefficient beta of the adaptive controller")
-    kl_target: float = _f(6.0, "PPO: KL target of the adaptive controller")
+    kl_target: float = _f(6.0, "PPO: KL target of the adaptive controller; 0: no controller, beta stays --kl-init")
     kl_horizon: float = _f(10000.0, "PPO: horizon of the adaptive controller")
     kl_coef: float = _f(0.0, "APA/AWR: fixed KL penalty in the reward (the authors used none)")
     kl_loss_coef: float = _f(0.04, "GRPO: beta of the k3 KL penalty in the loss (DeepSeekMath's 0.04); 0: off, and the "

@@ -178,12 +178,15 @@ def make_experience(m: Models, ro: Rollout, scores: Tensor, scaled: Tensor, cfg:
 
 
 class KLController:
-    """PPO's adaptive KL coefficient (Ziegler et al.): beta *= 1 + clip(KL/target - 1, -0.2, 0.2) * n/horizon."""
+    """PPO's adaptive KL coefficient (Ziegler et al.): beta *= 1 + clip(KL/target - 1, -0.2, 0.2) * n/horizon;
+    fixed at its initial value when ``target`` <= 0."""
 
     def __init__(self, init: float, target: float, horizon: float):
         self.beta, self.target, self.horizon = init, target, horizon
 
     def update(self, kl: float, n_steps: int) -> None:
+        if self.target <= 0:  # a fixed beta
+            return
         err = min(max(kl / self.target - 1.0, -0.2), 0.2)
         self.beta *= 1.0 + err * n_steps / self.horizon
 
@@ -530,6 +533,8 @@ def check_flags(cfg: Config, d: Dist) -> None:
     if cfg.kl_coef and cfg.advantage == "group":
         raise LoadError("--kl-coef puts a KL penalty into GAE's token rewards, which --advantage group does not use; "
                         "GRPO's KL term is --kl-loss-coef")
+    if not cfg.kl_target >= 0:
+        raise LoadError(f"--kl-target must be >= 0 (0: a fixed beta of --kl-init), got {cfg.kl_target}")
     if not cfg.kl_loss_coef >= 0:
         raise LoadError(f"--kl-loss-coef must be >= 0, got {cfg.kl_loss_coef}")
     if cfg.lora_rank < 0:
