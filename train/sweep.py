@@ -58,8 +58,8 @@ ARMS: dict[str, Arm] = {
     "grpo": Arm("GRPO", ("--algo", "grpo", *GROUP), "kl_loss_coef", (0.01, 0.04, 0.1, 0.3), 0.04, 3e-4),
     "awr": Arm("AWR", ("--algo", "awr", *GAE), "lam", (0.3, 1.0, 3.0), 1.0, 3e-4),
 }
-QUICK = dict(arms="apa-group,grpo", seeds="0,1", steps=150, values=2)
-FULL = dict(arms=",".join(ARMS), seeds="0,1,2", steps=400, values=0)
+QUICK = dict(arms="apa,apa-group,ppo,grpo", seeds="0,1", steps=150, values=2)
+FULL = dict(arms=",".join(ARMS), seeds="0,1,2", steps=300, values=0)
 
 # two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30; beyond, the normal's 1.96
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -248,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1),
                     help="runs at once (each a 1-thread process)")
     ap.add_argument("--report-only", action="store_true", help="only aggregate the complete runs in --out")
+    ap.add_argument("--search-lr", default="", metavar="LRS",
+                    help="instead of the frontier: run each arm at its default knob with each of these comma-separated "
+                         "learning rates (seed 100, not a frontier seed) and report the gold reward of each; the arms' "
+                         "lr values come from this search (README)")
     args, extra = ap.parse_known_args(argv)
     preset = QUICK if args.quick else FULL
     arms = (args.arms or preset["arms"]).split(",")
@@ -268,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
 
+    if args.search_lr:
+        return search_lr(arms, [float(x) for x in args.search_lr.split(",")], steps, out, args.jobs, extra)
     grid = []
     for name in arms:
         arm = ARMS[name]
@@ -275,18 +281,19 @@ def main(argv: list[str] | None = None) -> int:
         if nvals:
             i = vals.index(arm.default)
             vals = vals[max(0, min(i - (nvals - 1) // 2, len(vals) - nvals)):][:nvals]
-        grid += [(name, v, s) for v in vals for s in seeds]
-    todo = [g for g in grid if not (out / "runs" / run_name(g[0], ARMS[g[0]].knob, g[1], g[2]) / "DONE").exists()]
+        grid += [(arm, v, s, run_name(name, arm.knob, v, s)) for v in vals for s in seeds]
+    todo = [g for g in grid if not (out / "runs" / g[3] / "DONE").exists()]
     print(f"sweep: {len(grid)} runs ({len(grid) - len(todo)} complete), {steps} iterations each, {args.jobs} at once; "
           f"out {out}", flush=True)
     failed = [] if args.report_only else _run_all(todo, steps, out, args.jobs, extra)
 
     runs = []
-    for name, v, s in grid:
-        d = out / "runs" / run_name(name, ARMS[name].knob, v, s)
+    for arm, v, s, name in grid:
+        d = out / "runs" / name
         if (d / "DONE").exists():
-            runs.append({"algo": name, "train_algo": ARMS[name].flags[1], "knob": ARMS[name].knob, "value": v,
-                         "seed": s, "dir": str(d.relative_to(out)), **run_summary(d)})
+            key = next(k for k, a in ARMS.items() if a is arm)
+            runs.append({"algo": key, "train_algo": arm.flags[1], "knob": arm.knob, "value": v, "seed": s,
+                         "lr": arm.lr, "dir": str(d.relative_to(out)), **run_summary(d)})
     if not runs:
         print("error: no complete runs to report", file=sys.stderr)
         return 1
@@ -298,16 +305,42 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def search_lr(arms: list[str], lrs: list[float], steps: int, out: Path, jobs: int, extra: list[str]) -> int:
+    """Each arm at its default knob with each learning rate, one seed (100): the same search for every arm."""
+    from dataclasses import replace
+
+    grid = [(replace(ARMS[a], lr=lr), ARMS[a].default, 100, f"{a}-lr{lr:g}") for a in arms for lr in lrs]
+    print(f"learning-rate search: {len(grid)} runs, {steps} iterations each; out {out}", flush=True)
+    failed = _run_all([g for g in grid if not (out / "runs" / g[3] / "DONE").exists()], steps, out, jobs, extra)
+    rows = []
+    for arm, v, s, name in grid:
+        if (out / "runs" / name / "DONE").exists():
+            rows.append({"algo": name.rsplit("-lr", 1)[0], "lr": arm.lr, "knob": arm.knob, "value": v, "seed": s,
+                         **run_summary(out / "runs" / name)})
+    best = {}
+    for r in rows:
+        if r["algo"] not in best or r["gold_reward"] > best[r["algo"]]["gold_reward"]:
+            best[r["algo"]] = r
+    (out / "lr_search.json").write_text(json.dumps({"runs": rows, "best": best, "steps": steps}, indent=1))
+    lines = ["| algorithm | knob | lr | gold reward | proxy reward | KL (k1) | chosen |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['algo']} | {r['knob']} {r['value']:g} | {r['lr']:g} | {r['gold_reward']:.3f} | "
+                     f"{r['proxy_reward']:.3f} | {r['kl']:.3f} | {'yes' if best[r['algo']] is r else ''} |")
+    (out / "lr_search.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    return 1 if failed else 0
+
+
 def _run_all(todo: list[tuple], steps: int, out: Path, jobs: int, extra: list[str]) -> list[str]:
-    """Run the ``todo`` grid points, ``jobs`` at once; each marks itself ``DONE`` once it exits cleanly."""
+    """Run the ``todo`` grid points ``(arm, knob value, seed, name)``, ``jobs`` at once; each marks itself
+    ``DONE`` once it exits cleanly."""
     pending, live, failed = list(todo), {}, []
     t0 = time.time()
     try:
         while pending or live:
             while pending and len(live) < jobs:
-                name, v, s = pending.pop(0)
-                arm = ARMS[name]
-                d = out / "runs" / run_name(name, arm.knob, v, s)
+                arm, v, s, name = pending.pop(0)
+                d = out / "runs" / name
                 if d.exists() and not (d / "checkpoints").exists():
                     shutil.rmtree(d)  # killed before its first checkpoint: start it afresh
                 d.mkdir(parents=True, exist_ok=True)
