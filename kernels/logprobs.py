@@ -70,6 +70,19 @@ def dlogits(t, p, is_label, g, ge, H, HAS_GE: tl.constexpr):
 
 
 @triton.jit
+def softcap_tile(z, SOFTCAP: tl.constexpr):
+    """(c tanh(z / c), 1 - tanh^2(z / c)) in fp32 (also used by kernels.linear), from e = exp(-2|z| / c):
+    tanh = sign(z) (1 - e) / (1 + e) and 1 - tanh^2 = 4e / (1 + e)^2. e <= 1 never overflows, tanh saturates
+    to exactly +-1 for large |z / c| (z = -inf gives -c and a zero derivative), and the derivative keeps its
+    relative accuracy where 1 - tanh^2 would cancel."""
+    x = z * (1.0 / SOFTCAP)
+    e = tl.exp(-2.0 * tl.abs(x))
+    r = (1.0 - e) / (1.0 + e)
+    th = tl.where(x < 0.0, -r, r)
+    return SOFTCAP * th, 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@triton.jit
 def _row(x_ptr, labels_ptr, T, V, stride_b, stride_t, IGNORE_INDEX: tl.constexpr):
     """This program's token: its row index, the address of its logits (any (B, T) strides), its label,
     and whether that label is to be scored (not ignore_index, inside [0, V): never read out of bounds)."""
