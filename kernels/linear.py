@@ -46,7 +46,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import interpreter
-from .logprobs import dlogits, softcap_tile
+from .logprobs import cap_args, dlogits, softcap_tile
 
 
 def _check(h: Tensor) -> None:
@@ -283,8 +283,7 @@ def _common(h: Tensor, bias: Tensor | None, tau: float, softcap: float | None) -
     lowp = h.element_size() == 2 and not interpreter.on()  # the interpreter widens bf16 operands
     return dict(
         INV_TAU=1.0 / float(tau),
-        SOFTCAP=1.0 if softcap is None else float(softcap),  # a fixed placeholder when off: one compiled variant
-        HAS_SOFTCAP=softcap is not None,
+        **cap_args(softcap),
         HAS_BIAS=bias is not None,
         LOWP_DOT=lowp,
         DOT_PREC="tf32" if lowp else "ieee",  # tf32 is the default for 16-bit operands (unused there)
