@@ -53,15 +53,21 @@ class Ops:
     fwd_dh: Callable | None = None  # linear only: dlogp/dh in the forward (a frozen LM head)
 
 
-def logits_ops(name: str) -> Ops:
+def _capped(fns: tuple[Callable, ...], softcap: float | None) -> tuple[Callable, ...]:
+    """The backend functions with ``softcap`` bound (each takes it as its last keyword; None: as they are)."""
+    return fns if softcap is None else tuple(None if f is None else partial(f, softcap=softcap) for f in fns)
+
+
+def logits_ops(name: str, softcap: float | None = None) -> Ops:
+    """``softcap`` c: every op soft-caps the logits, z -> c tanh(z / c), before the temperature."""
     if name == "torch":
         from . import _torch_logprobs as t
 
-        return Ops(t.logprobs_fwd, t.logprobs_bwd, t.loss_fwd)
+        return Ops(*_capped((t.logprobs_fwd, t.logprobs_bwd, t.loss_fwd), softcap))
     if name == "triton":
         from kernels import logprobs as k
 
-        return Ops(k.logprobs_fwd, k.logprobs_bwd)
+        return Ops(*_capped((k.logprobs_fwd, k.logprobs_bwd), softcap))
     raise ValueError(f"no logits ops for backend {name!r}")
 
 
@@ -70,15 +76,11 @@ def linear_ops(name: str, softcap: float | None = None) -> Ops:
     if name == "torch":
         from . import _torch_linear as t
 
-        if softcap is not None:
-            return Ops(*(partial(f, softcap=softcap) for f in (t.token_fwd, t.token_bwd, t.loss_fwd, t.token_fwd_dh)))
-        return Ops(t.token_fwd, t.token_bwd, t.loss_fwd, t.token_fwd_dh)
-    if softcap is not None:
-        raise ValueError(f"softcap is not implemented by the {name!r} backend yet; use backend='torch' or 'reference'")
+        return Ops(*_capped((t.token_fwd, t.token_bwd, t.loss_fwd, t.token_fwd_dh), softcap))
     if name == "triton":
         from kernels import linear as k
 
-        return Ops(k.token_fwd, k.token_bwd)
+        return Ops(*_capped((k.token_fwd, k.token_bwd), softcap))
     raise ValueError(f"no linear ops for backend {name!r}")
 
 

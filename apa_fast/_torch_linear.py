@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from ._checks import out_dtype as acc_dtype
-from ._torch_logprobs import Scratch, entropy_grad_rows, logp_from_p, logp_rows, loss_grad_rows, softmax_grad_rows
+from ._torch_logprobs import (Scratch, entropy_grad_rows, logp_from_p, logp_rows, loss_grad_rows, softcap_grad_rows,
+                              softcap_rows, softmax_grad_rows)
 
 if TYPE_CHECKING:
     from .losses import TokenLoss
@@ -71,18 +72,12 @@ class _Chunks:
         if self.lowp is not None:
             u.copy_(dst)
         if self.softcap is not None:
-            u.mul_(1.0 / self.softcap).tanh_()
-            if keep_tanh:
-                self.scratch(3, r).copy_(u)
-            u.mul_(self.softcap)
+            softcap_rows(u, self.softcap, self.scratch(3, r) if keep_tanh else None)
         return u.mul_(1.0 / self.tau) if self.tau != 1.0 else u
 
     def cap_grad(self, dz: Tensor) -> Tensor:
         """dz <- dz * (1 - tanh^2(z / c)) in place: the chain rule through the soft-capping (a no-op without)."""
-        if self.softcap is None:
-            return dz
-        t = self.scratch(3, dz.shape[0])
-        return dz.mul_(t.mul_(t).neg_().add_(1.0))
+        return dz if self.softcap is None else softcap_grad_rows(dz, self.scratch(3, dz.shape[0]))
 
     def out(self, u: Tensor) -> Tensor:
         """Where a row-wise (log_)softmax of the scratch u may write: over u itself on CPU, else scratch 1."""

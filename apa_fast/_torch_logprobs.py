@@ -1,12 +1,14 @@
 """The ``torch`` backend from logits, and the row math it shares with the one from hidden states.
 
 A chunk is ``u``: (rows, V) tempered logits in the accumulation dtype (fp32, or fp64 for fp64 input).
-Everything the fused ops compute on a chunk is in the three ``*_rows`` functions below, written once
+Everything the fused ops compute on a chunk is in the ``*_rows`` functions below, written once
 and used by both this backend and ``_torch_linear``:
 
     logp = u_y - lse(u)          H = -sum p log p             (logp_rows)
     d/du [g logp] = g (onehot - p)                             (softmax_grad_rows, in place over p)
     d/du [g logp + ge H] = g (onehot - p) - ge p (t + H),  t = u - lse   (entropy_grad_rows)
+    softcap c: z -> c tanh(z / c) before the temperature (softcap_rows), dz = du/tau * (1 - tanh^2)
+                                                               (softcap_grad_rows)
 
 Each chunk goes through whole-chunk ATen ops (row-wise softmax / log_softmax are single fused passes):
 no (N, V) softmax, log-softmax or fp32 copy of the logits is ever built. The one full-size tensor is the
@@ -53,6 +55,20 @@ def softmax_grad_rows(p: Tensor, idx: Tensor, c: Tensor) -> Tensor:
 def entropy_grad_rows(t: Tensor, p: Tensor, idx: Tensor, c: Tensor, ce: Tensor, ent: Tensor) -> Tensor:
     """``t <- c (onehot - p) - ce p (t + H)`` in place, with t = u - lse = log p (c, ce, ent: (rows, 1))."""
     return t.add_(ent).mul_(ce).add_(c).mul_(p).neg_().scatter_add_(-1, idx, c)
+
+
+def softcap_rows(z: Tensor, c: float, keep: Tensor | None) -> Tensor:
+    """``z <- c tanh(z / c)`` in place (Gemma 2's final soft-capping); ``keep`` (z's shape), when given,
+    receives tanh(z / c) for ``softcap_grad_rows``."""
+    z.mul_(1.0 / c).tanh_()
+    if keep is not None:
+        keep.copy_(z)
+    return z.mul_(c)
+
+
+def softcap_grad_rows(d: Tensor, th: Tensor) -> Tensor:
+    """``d <- d (1 - th^2)`` in place, th = tanh(z / c) (overwritten): the chain rule through the soft-capping."""
+    return d.mul_(th.mul_(th).neg_().add_(1.0))
 
 
 def logp_from_p(p: Tensor, idx: Tensor, uy: Tensor, u_again) -> Tensor:
@@ -129,9 +145,10 @@ def loss_grad_rows(p: Tensor, idx: Tensor, uy: Tensor, u_again, loss: "TokenLoss
 class _Chunks:
     """Chunks of whole rows of a (B, T, V) view, with reused chunk-sized scratch buffers."""
 
-    def __init__(self, x3: Tensor, tau: float, direct: bool = False):
+    def __init__(self, x3: Tensor, tau: float, direct: bool = False, softcap: float | None = None):
         B, T, V = x3.shape
-        self.x3, self.tau, self.acc = x3, tau, acc_dtype(x3)
+        self.x3, self.tau, self.acc, self.softcap = x3, tau, acc_dtype(x3), softcap
+        direct = direct and softcap is None  # a capped chunk always lives in a scratch: keep the scratch size
         self.rows = max(1, min(T, (DIRECT_CHUNK_ELEMS if direct else CHUNK_ELEMS) // max(V, 1)))
         self.scratch = Scratch(self.rows, V, self.acc, x3.device)
 
@@ -143,13 +160,27 @@ class _Chunks:
                 t1 = min(T, t0 + self.rows)
                 yield slice(b * T + t0, b * T + t1), self.x3[b, t0:t1]
 
-    def tempered(self, z: Tensor) -> Tensor:
+    def tempered(self, z: Tensor, keep_tanh: bool = False) -> Tensor:
         """u = z / tau in the accumulation dtype: z itself when nothing is to be done, else scratch 0
-        (upcast first: z * (1/tau) in bf16 would round in bf16)."""
-        if z.dtype == self.acc and self.tau == 1.0:
+        (upcast first: z * (1/tau) in bf16 would round in bf16). With a softcap c, u = c tanh(z / c) / tau
+        and, when ``keep_tanh``, tanh(z / c) kept in scratch 3 for ``cap_grad``."""
+        if z.dtype == self.acc and self.tau == 1.0 and self.softcap is None:
             return z
         u = self.scratch(0, z.shape[0]).copy_(z)
+        if self.softcap is not None:
+            softcap_rows(u, self.softcap, self.scratch(3, z.shape[0]) if keep_tanh else None)
         return u.mul_(1.0 / self.tau) if self.tau != 1.0 else u
+
+    def cap_grad(self, d: Tensor) -> Tensor:
+        """d <- d * (1 - tanh^2(z / c)) in place, after ``tempered(z, keep_tanh=True)`` (a no-op without a cap)."""
+        return d if self.softcap is None else softcap_grad_rows(d, self.scratch(3, d.shape[0]))
+
+    def u_again(self, z: Tensor):
+        """Recompute u for some rows of the chunk z into a fresh tensor (for ``logp_from_p``)."""
+        def f(rows: Tensor) -> Tensor:
+            u = z[rows].to(self.acc)  # advanced indexing copies: capping in place leaves z alone
+            return (u if self.softcap is None else softcap_rows(u, self.softcap, None)) / self.tau
+        return f
 
     def out(self, u: Tensor, z: Tensor) -> Tensor:
         """Where a row-wise (log_)softmax of u may write: over u when u is our own copy on CPU (ATen's CPU
@@ -160,9 +191,10 @@ class _Chunks:
 
 
 def logprobs_fwd(
-    x3: Tensor, labels: Tensor, tau: float, ignore_index: int, return_entropy: bool
+    x3: Tensor, labels: Tensor, tau: float, ignore_index: int, return_entropy: bool, softcap: float | None = None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(logp, lse, entropy | None), flat (B*T,); rows labelled ignore_index give 0."""
+    """(logp, lse, entropy | None), flat (B*T,); rows labelled ignore_index give 0 (``softcap`` c: the logits
+    are c tanh(z / c) first)."""
     B, T, V = x3.shape
     acc = acc_dtype(x3)
     logp = torch.empty(B * T, dtype=acc, device=x3.device)
@@ -170,7 +202,7 @@ def logprobs_fwd(
     ent = torch.empty_like(logp) if return_entropy else None
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)
-    ch = _Chunks(x3, tau)
+    ch = _Chunks(x3, tau, softcap=softcap)
     for sl, z in ch:
         u = ch.tempered(z)
         spare = ch.scratch(2, z.shape[0]) if return_entropy else None
@@ -193,8 +225,10 @@ def logprobs_bwd(
     g_ent: Tensor | None,
     tau: float,
     ignore_index: int,
+    softcap: float | None = None,
 ) -> Tensor:
-    """d(sum g_logp*logp + g_ent*H)/dz, recomputing p chunk by chunk (dz = du / tau)."""
+    """d(sum g_logp*logp + g_ent*H)/dz, recomputing p chunk by chunk (dz = du / tau, times 1 - tanh^2(z / c)
+    with a ``softcap`` c)."""
     B, T, V = x3.shape
     acc = acc_dtype(x3)
     valid = labels != ignore_index
@@ -206,10 +240,10 @@ def logprobs_bwd(
     direct = x3.dtype == acc  # the gradient buffer itself can hold the fp32/fp64 probabilities
     gflat = grad.view(B * T, V)
     in_place = direct and ge is None
-    ch = _Chunks(x3, tau, in_place and tau == 1.0)
+    ch = _Chunks(x3, tau, in_place and tau == 1.0, softcap)
     for sl, z in ch:
         idx, c = safe[sl].unsqueeze(-1), g[sl].unsqueeze(-1)
-        u = ch.tempered(z)
+        u = ch.tempered(z, keep_tanh=True)
         if ge is None:
             p = torch.softmax(u, -1, out=gflat[sl] if in_place else ch.out(u, z))
             d = softmax_grad_rows(p, idx, c)
@@ -218,12 +252,14 @@ def logprobs_bwd(
             t = torch.sub(u, lse[sl].unsqueeze(-1), out=ch.scratch(1, r))
             p = torch.exp(t, out=ch.scratch(2, r))
             d = entropy_grad_rows(t, p, idx, c, ge[sl].unsqueeze(-1), entropy[sl].unsqueeze(-1))
+        d = ch.cap_grad(d)
         if not in_place:
             gflat[sl].copy_(d)  # rounded once into the logits' dtype
     return grad
 
 
-def loss_fwd(x3: Tensor, labels: Tensor, tau: float, loss: "TokenLoss", need_grad: bool) -> tuple[Tensor, Tensor | None]:
+def loss_fwd(x3: Tensor, labels: Tensor, tau: float, loss: "TokenLoss", need_grad: bool,
+             softcap: float | None = None) -> tuple[Tensor, Tensor | None]:
     """(L, dL/dz | None) of a ``TokenLoss`` over the flat rows' log-probs, the gradient formed in the same
     pass as the forward (for an upstream gradient of 1): softmax once, then ``c * (onehot - p)``.
     ``labels`` must be valid wherever ``loss.mask`` is (callers pass 0 elsewhere)."""
@@ -233,16 +269,17 @@ def loss_fwd(x3: Tensor, labels: Tensor, tau: float, loss: "TokenLoss", need_gra
     grad = empty_grad((B, T, V), x3.dtype, x3.device) if need_grad else None
     gflat = grad.view(B * T, V) if need_grad else None
     direct = need_grad and x3.dtype == acc  # softmax straight into the gradient buffer
-    ch = _Chunks(x3, tau, direct and tau == 1.0)
+    ch = _Chunks(x3, tau, direct and tau == 1.0, softcap)
     for sl, z in ch:
         idx = labels[sl].unsqueeze(-1)
-        u = ch.tempered(z)
+        u = ch.tempered(z, keep_tanh=need_grad)
         if not need_grad:
             total += loss.part(torch.log_softmax(u, -1, out=ch.out(u, z)).gather(-1, idx).squeeze(-1), sl)
             continue
         uy = u.gather(-1, idx).squeeze(-1)
         p = torch.softmax(u, -1, out=gflat[sl] if direct else ch.out(u, z))
-        total += loss_grad_rows(p, idx, uy, lambda rows, z=z: z[rows].to(acc) / tau, loss, sl, tau)
+        total += loss_grad_rows(p, idx, uy, ch.u_again(z), loss, sl, tau)
+        ch.cap_grad(p)
         if not direct:
             gflat[sl].copy_(p)
     return total, grad

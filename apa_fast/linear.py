@@ -132,7 +132,7 @@ def linear_token_logprobs(
     ``logp = u[y] - logsumexp(u)`` with ``u = (hidden @ weight.T + bias) / temperature``, and with
     ``return_entropy`` also ``H = logsumexp(u) - sum(softmax(u) * u)``. ``softcap`` c > 0 (None: off) soft-caps
     the logits first, ``u = c tanh(z / c) / temperature``, exactly and with its chain rule ``1 - tanh^2(z / c)``
-    (``torch`` and ``reference`` backends). Positions whose label is ``ignore_index`` give 0 and no gradient.
+    (every backend). Positions whose label is ``ignore_index`` give 0 and no gradient.
     Differentiable w.r.t. hidden, weight and bias.
     """
     V, _ = _check_linear(hidden, weight, labels, bias)
@@ -197,21 +197,24 @@ def linear_apa_loss(
     lam: float = 0.1,
     temperature: float = 1.0,
     backend: str = "auto",
+    softcap: float | None = None,
 ) -> Tensor:
     """``apa_loss(hidden @ weight.T + bias, ...)`` without building the logits.
 
     ``L = sum(m * (logp - logp_init - A/lam)^2) / sum(m)`` with ``logp`` as in
     ``linear_token_logprobs``; a float32 scalar (float64 for float64 input). An empty mask gives 0
     with zero gradient; labels, ``ref_logprobs`` and ``advantages`` at masked positions are unused
-    (masked rows are not even multiplied by the LM head).
+    (masked rows are not even multiplied by the LM head). ``softcap``: as in ``linear_token_logprobs``.
     """
     _check_linear(hidden, weight, labels, bias)
     check_per_token(hidden.shape[:-1], "the leading dims of hidden", ref_logprobs=ref_logprobs, advantages=advantages)
     C.check_mask("mask", mask)
     C.check_shape("mask", mask, hidden.shape[:-1], "the leading dims of hidden")
     C.check_same_device({"hidden": hidden, "ref_logprobs": ref_logprobs, "advantages": advantages, "mask": mask})
+    softcap = None if softcap is None else C.check_positive("softcap", softcap)
     loss = apa_token_loss(ref_logprobs, advantages, mask, lam=lam)
     if _dispatch.resolve(backend, hidden.device) == "reference":
         return reference.linear_apa_loss(hidden, weight, labels, ref_logprobs, advantages, mask, bias,
-                                         loss.consts["lam"], temperature)
-    return linear_token_loss(hidden, weight, labels, loss, bias=bias, temperature=temperature, backend=backend)
+                                         loss.consts["lam"], temperature, softcap)
+    return linear_token_loss(hidden, weight, labels, loss, bias=bias, temperature=temperature, backend=backend,
+                             softcap=softcap)

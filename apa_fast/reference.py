@@ -49,10 +49,11 @@ def apa_loss(
     mask: Tensor,
     lam: float = 0.1,
     temperature: float = 1.0,
+    softcap: float | None = None,
 ) -> Tensor:
-    """L = sum(m * (logp - logp_init - A/lam)^2) / sum(m); 0 when the mask is empty."""
+    """L = sum(m * (logp - logp_init - A/lam)^2) / sum(m); 0 when the mask is empty (logp as in token_logprobs)."""
     m = mask.bool()
-    logp = token_logprobs(logits, torch.where(m, labels, 0), temperature)
+    logp = token_logprobs(logits, torch.where(m, labels, 0), temperature, softcap=softcap)
     target = _upcast(ref_logprobs) + _upcast(advantages) / lam
     resid = torch.where(m, logp - torch.where(m, target, 0.0), 0.0)
     return (resid**2).sum() / m.sum().clamp(min=1)
@@ -114,9 +115,11 @@ def linear_apa_loss(
     bias: Tensor | None = None,
     lam: float = 0.1,
     temperature: float = 1.0,
+    softcap: float | None = None,
 ) -> Tensor:
+    """apa_loss on z = hidden @ weight.T + bias, with the logits materialised."""
     logits = torch.nn.functional.linear(_upcast(hidden), _upcast(weight), None if bias is None else _upcast(bias))
-    return apa_loss(logits, labels, ref_logprobs, advantages, mask, lam, temperature)
+    return apa_loss(logits, labels, ref_logprobs, advantages, mask, lam, temperature, softcap)
 
 
 def group_advantages(scores: Tensor, group_size: int, std: bool = True, baseline: str = "mean") -> Tensor:

@@ -5,10 +5,10 @@ Functions and composes losses on these log-probs. No autograd here.
 
 Maths, per token row ``i`` (label ``y_i``) and vocabulary column ``v``:
 
-    z_iv = h_i . W_v + b_v,   u = z / tau,   lse_i = logsumexp_v u_iv,   logp_i = u_iy - lse_i
+    z_iv = h_i . W_v + b_v,   u = z / tau   (softcap c: u = c tanh(z / c) / tau),   lse_i = logsumexp_v u_iv,   logp_i = u_iy - lse_i
     H_i  = lse_i - sum_v p_iv u_iv          (p = exp(u - lse))
     du_iv = g_i (onehot_iv - p_iv) - ge_i p_iv (u_iv - lse_i + H_i),   dz = du / tau
-    grad_h = dz @ W,   grad_W = dz^T @ h,   grad_b = sum_i dz_i
+    grad_h = dz @ W,   grad_W = dz^T @ h,   grad_b = sum_i dz_i    (softcap: dz gains 1 - tanh^2(z / c))
 
 Every kernel tiles tokens (BLOCK_N rows) x vocabulary (BLOCK_V columns) and builds its logits
 tile with ``tl.dot`` over BLOCK_H slices of the hidden size, fp32 accumulation. No logits tile
@@ -46,7 +46,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import interpreter
-from .logprobs import dlogits
+from .logprobs import cap_args, dlogits, softcap_tile
 
 
 def _check(h: Tensor) -> None:
@@ -122,12 +122,16 @@ def _dz_tile(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, ge_ptr, ent_ptr, rows, cols, N, V, H, stride_hn, stride_wv,
     INV_TAU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GE: tl.constexpr, LOWP_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
-    """dz tile (fp32): (g (onehot - p) - ge p (t + H)) / tau with t = u - lse, recomputed on chip."""
+    """dz tile (fp32): (g (onehot - p) - ge p (t + H)) / tau with t = u - lse, recomputed on chip; with a
+    softcap c (u = c tanh(z / c) / tau) times the chain-rule factor 1 - tanh^2(z / c)."""
     rmask = rows < N
     cmask = cols < V
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_hn, stride_wv,
                      HAS_BIAS, LOWP_DOT, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_H)
+    if HAS_SOFTCAP:
+        z, dcap = softcap_tile(z, SOFTCAP)
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + rows, mask=rmask, other=-1).to(tl.int64)
@@ -139,8 +143,10 @@ def _dz_tile(
     if HAS_GE:
         ge = tl.load(ge_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         ent = tl.load(ent_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-    d = dlogits(t, p, cols[None, :] == y[:, None], g[:, None], ge[:, None], ent[:, None], HAS_GE)
-    return tl.where(valid, d * INV_TAU, 0.0)
+    d = dlogits(t, p, cols[None, :] == y[:, None], g[:, None], ge[:, None], ent[:, None], HAS_GE) * INV_TAU
+    if HAS_SOFTCAP:
+        d = d * dcap  # dz = du/dz * (1 - tanh^2), before the matmuls back to h and W
+    return tl.where(valid, d, 0.0)
 
 
 @triton.jit
@@ -149,6 +155,7 @@ def _fwd_kernel(
     N, V, H, stride_hn, stride_wv, V_PER_SPLIT,
     INV_TAU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ENT: tl.constexpr, LOWP_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """Per row and vocab split: running max m, sum s, entropy term w and label logit u_y."""
     pn = tl.program_id(0).to(tl.int64)
@@ -167,7 +174,9 @@ def _fwd_kernel(
         cmask = cols < v_hi
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_hn, stride_wv,
                          HAS_BIAS, LOWP_DOT, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_H)
-        u = tl.where(cmask[None, :], z * INV_TAU, -float("inf"))
+        if HAS_SOFTCAP:
+            z, _ = softcap_tile(z, SOFTCAP)
+        u = tl.where(cmask[None, :], z * INV_TAU, -float("inf"))  # after the cap: tanh would lift -inf to -c
         uy += tl.sum(tl.where(cols[None, :] == y[:, None], u, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(u, axis=1))  # finite: every block has a column < v_hi
         scale = tl.exp(m - m_new)  # 0 while m = -inf
@@ -192,6 +201,7 @@ def _grad_h_kernel(
     N, V, H, stride_hn, stride_wv, V_PER_SPLIT,
     INV_TAU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GE: tl.constexpr, LOWP_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """gh_part[split, rows] += dz[rows, split's vocab] @ W[split's vocab] (fp32 partials)."""
     pn = tl.program_id(0).to(tl.int64)
@@ -207,7 +217,7 @@ def _grad_h_kernel(
         cmask = cols < v_hi
         dz = _dz_tile(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, ge_ptr, ent_ptr, rows, cols, N, V, H,
                       stride_hn, stride_wv, INV_TAU, HAS_BIAS, HAS_GE, LOWP_DOT, DOT_PREC,
-                      BLOCK_N, BLOCK_V, BLOCK_H)
+                      BLOCK_N, BLOCK_V, BLOCK_H, SOFTCAP, HAS_SOFTCAP)
         dz = tl.where(cmask[None, :], dz, 0.0)
         if LOWP_DOT:
             dz_op = dz.to(w_ptr.dtype.element_ty)  # one rounding, as eager's backward does
@@ -233,6 +243,7 @@ def _grad_w_kernel(
     INV_TAU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GE: tl.constexpr, NEED_W: tl.constexpr,
     NEED_B: tl.constexpr, LOWP_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """gW[cols] = sum over token blocks of dz^T @ h;  gb[cols] = sum dz. fp32, owned by this program."""
     pv = tl.program_id(0).to(tl.int64)
@@ -245,7 +256,7 @@ def _grad_w_kernel(
         rmask = rows < N
         dz = _dz_tile(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, ge_ptr, ent_ptr, rows, cols, N, V, H,
                       stride_hn, stride_wv, INV_TAU, HAS_BIAS, HAS_GE, LOWP_DOT, DOT_PREC,
-                      BLOCK_N, BLOCK_V, BLOCK_H)
+                      BLOCK_N, BLOCK_V, BLOCK_H, SOFTCAP, HAS_SOFTCAP)
         if NEED_B:
             gb += tl.sum(dz, axis=0)
         if NEED_W:
@@ -268,10 +279,11 @@ def _grad_w_kernel(
         tl.store(gb_ptr + cols, gb, mask=cmask)
 
 
-def _common(h: Tensor, bias: Tensor | None, tau: float) -> dict:
+def _common(h: Tensor, bias: Tensor | None, tau: float, softcap: float | None) -> dict:
     lowp = h.element_size() == 2 and not interpreter.on()  # the interpreter widens bf16 operands
     return dict(
         INV_TAU=1.0 / float(tau),
+        **cap_args(softcap),
         HAS_BIAS=bias is not None,
         LOWP_DOT=lowp,
         DOT_PREC="tf32" if lowp else "ieee",  # tf32 is the default for 16-bit operands (unused there)
@@ -286,9 +298,11 @@ def _as_kernel_args(h: Tensor, weight: Tensor, labels: Tensor) -> tuple[Tensor, 
 
 
 def token_fwd(
-    h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tau: float, return_entropy: bool
+    h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tau: float, return_entropy: bool,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(logp, lse, entropy | None), float32 per row; lse is of u = z / tau."""
+    """(logp, lse, entropy | None), float32 per row; lse is of u = z / tau (z -> c tanh(z / c) first with a
+    ``softcap`` c)."""
     h, weight, labels = _as_kernel_args(h, weight, labels)
     N, H = h.shape
     V = weight.shape[0]
@@ -307,7 +321,7 @@ def token_fwd(
         h, weight, bias if bias is not None else h, labels, m, s, went, uy,
         N, V, H, h.stride(0), weight.stride(0), v_per,
         HAS_ENT=return_entropy, BLOCK_N=BN, BLOCK_V=BV, BLOCK_H=BH, num_warps=warps,
-        **_common(h, bias, tau),
+        **_common(h, bias, tau, softcap),
     )
     # merge the splits: M = max m;  S = sum s e^(m - M);  W = sum e^(m - M) (w + (m - M) s)
     M = m.amax(0)
@@ -333,8 +347,10 @@ def token_bwd(
     g_ent: Tensor | None,
     tau: float,
     need: tuple[bool, bool, bool],
+    softcap: float | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(grad_h, grad_W, grad_b) in the inputs' dtypes; grad_W and grad_b accumulated in fp32."""
+    """(grad_h, grad_W, grad_b) in the inputs' dtypes; grad_W and grad_b accumulated in fp32 (``softcap``: as in
+    ``token_fwd``)."""
     h, weight, labels = _as_kernel_args(h, weight, labels)
     N, H = h.shape
     V = weight.shape[0]
@@ -348,7 +364,7 @@ def token_bwd(
     en = ent.to(torch.float32).contiguous() if has_ge else g
     BN, BV, BH, warps = _blocks(N, V, H, h)
     nb_n, nb_v = triton.cdiv(max(N, 1), BN), triton.cdiv(V, BV)
-    kw = dict(HAS_GE=has_ge, BLOCK_N=BN, BLOCK_V=BV, BLOCK_H=BH, num_warps=warps, **_common(h, bias, tau))
+    kw = dict(HAS_GE=has_ge, BLOCK_N=BN, BLOCK_V=BV, BLOCK_H=BH, num_warps=warps, **_common(h, bias, tau, softcap))
     bptr = bias if bias is not None else h
     gh = gw = gb = None
     if need_h:

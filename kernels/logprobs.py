@@ -4,7 +4,7 @@
 autograd Functions (losses such as APA's are composed on these log-probs there, and ``logprobs_bwd``
 recomputes p for any upstream gradient). No autograd here.
 
-Maths (per row, i.e. per token; ``u = z / tau``, label ``y``):
+Maths (per row, i.e. per token; ``u = z / tau``, or ``u = c tanh(z / c) / tau`` with a softcap c; label ``y``):
 
     lse  = logsumexp(u)                       computed online over vocab blocks:
            m' = max(m, max_blk u);  s' = s * exp(m - m') + sum_blk exp(u - m')
@@ -16,7 +16,7 @@ Maths (per row, i.e. per token; ``u = z / tau``, label ``y``):
 Backward recomputes p = exp(u - lse) block by block from the saved lse (no softmax is stored):
 
     dlogp/du = onehot(y) - p                  dH/du = -p * (t + H),  t = u - lse
-    dz = (g_logp * (onehot - p) + g_ent * dH/du) / tau
+    dz = (g_logp * (onehot - p) + g_ent * dH/du) / tau     (softcap: times 1 - tanh^2(z / c))
 
 ``onehot - p`` is formed in fp32 and rounded once, on store, to the logits' dtype.
 
@@ -70,6 +70,19 @@ def dlogits(t, p, is_label, g, ge, H, HAS_GE: tl.constexpr):
 
 
 @triton.jit
+def softcap_tile(z, SOFTCAP: tl.constexpr):
+    """(c tanh(z / c), 1 - tanh^2(z / c)) in fp32 (also used by kernels.linear), from e = exp(-2|z| / c):
+    tanh = sign(z) (1 - e) / (1 + e) and 1 - tanh^2 = 4e / (1 + e)^2. e <= 1 never overflows, tanh saturates
+    to exactly +-1 for large |z / c| (z = -inf gives -c and a zero derivative), and the derivative keeps its
+    relative accuracy where 1 - tanh^2 would cancel."""
+    x = z * (1.0 / SOFTCAP)
+    e = tl.exp(-2.0 * tl.abs(x))
+    r = (1.0 - e) / (1.0 + e)
+    th = tl.where(x < 0.0, -r, r)
+    return SOFTCAP * th, 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@triton.jit
 def _row(x_ptr, labels_ptr, T, V, stride_b, stride_t, IGNORE_INDEX: tl.constexpr):
     """This program's token: its row index, the address of its logits (any (B, T) strides), its label,
     and whether that label is to be scored (not ignore_index, inside [0, V): never read out of bounds)."""
@@ -97,6 +110,8 @@ def _lse_fwd_kernel(
     IGNORE_INDEX: tl.constexpr,
     HAS_ENT: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     row, base, y, valid = _row(x_ptr, labels_ptr, T, V, stride_b, stride_t, IGNORE_INDEX)
 
@@ -107,7 +122,11 @@ def _lse_fwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         inb = offs < V
-        u = tl.load(base + offs, mask=inb, other=-float("inf")).to(tl.float32) * INV_TAU
+        z = tl.load(base + offs, mask=inb, other=-float("inf")).to(tl.float32)
+        if HAS_SOFTCAP:
+            z, _ = softcap_tile(z, SOFTCAP)
+            z = tl.where(inb, z, -float("inf"))  # columns past V: the cap would lift their -inf to -c
+        u = z * INV_TAU
         m_new = tl.maximum(m, tl.max(u, axis=0))
         # shift by 0 while every logit so far is -inf (e.g. top-k-masked logits), never by -inf
         shift = tl.where(m_new == -float("inf"), 0.0, m_new)
@@ -126,6 +145,8 @@ def _lse_fwd_kernel(
     tl.store(lse_ptr + row, lse)
 
     zy = tl.load(base + tl.where(valid, y, 0), mask=valid, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        zy, _ = softcap_tile(zy, SOFTCAP)
     tl.store(logp_ptr + row, tl.where(valid, zy * INV_TAU - lse, 0.0))
     if HAS_ENT:
         tl.store(ent_ptr + row, tl.where(valid, log_s - w / s, 0.0))
@@ -150,6 +171,8 @@ def _lse_bwd_kernel(
     HAS_GE: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     row, base, y, valid = _row(x_ptr, labels_ptr, T, V, stride_b, stride_t, IGNORE_INDEX)
     out = grad_ptr + row * V
@@ -167,10 +190,14 @@ def _lse_bwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         inb = offs < V
-        u = tl.load(base + offs, mask=inb, other=0.0).to(tl.float32) * INV_TAU
-        tt = u - lse
-        d = dlogits(tt, tl.exp(tt), offs == y, g, ge, H, HAS_GE)
-        d = tl.where(valid, d * INV_TAU, 0.0)  # ignored rows: exact zeros even if lse is not finite
+        z = tl.load(base + offs, mask=inb, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z, dcap = softcap_tile(z, SOFTCAP)
+        tt = z * INV_TAU - lse
+        d = dlogits(tt, tl.exp(tt), offs == y, g, ge, H, HAS_GE) * INV_TAU
+        if HAS_SOFTCAP:
+            d = d * dcap  # the chain rule through c tanh(z / c)
+        d = tl.where(valid, d, 0.0)  # ignored rows: exact zeros even if lse is not finite
         if ROUND_BF16:
             d = interpreter.round_bf16(d)
         tl.store(out + offs, d.to(grad_ptr.dtype.element_ty), mask=inb)
@@ -194,10 +221,17 @@ def _flat_f32(x: Tensor) -> Tensor:
     return x.reshape(-1).to(torch.float32).contiguous()
 
 
+def cap_args(softcap: float | None) -> dict:
+    """The softcap constexprs of every kernel here and in kernels.linear: a fixed placeholder when off (one compiled
+    variant)."""
+    return dict(SOFTCAP=1.0 if softcap is None else float(softcap), HAS_SOFTCAP=softcap is not None)
+
+
 def logprobs_fwd(
-    x3: Tensor, labels: Tensor, tau: float, ignore_index: int, return_entropy: bool
+    x3: Tensor, labels: Tensor, tau: float, ignore_index: int, return_entropy: bool, softcap: float | None = None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(logp, lse, entropy | None), each flat (B*T,) float32; ignored rows give logp = entropy = 0."""
+    """(logp, lse, entropy | None), each flat (B*T,) float32; ignored rows give logp = entropy = 0; ``softcap`` c:
+    the logits are c tanh(z / c) first."""
     x3, labels = _as_kernel_args(x3, labels)
     N = x3.shape[0] * x3.shape[1]
     B, T, V = x3.shape
@@ -209,7 +243,7 @@ def logprobs_fwd(
         _lse_fwd_kernel[(N,)](
             x3, labels, logp, lse, ent if ent is not None else lse, T, V, x3.stride(0), x3.stride(1),
             INV_TAU=1.0 / float(tau), IGNORE_INDEX=int(ignore_index), HAS_ENT=ent is not None,
-            BLOCK_V=BLOCK_V, num_warps=warps,
+            BLOCK_V=BLOCK_V, num_warps=warps, **cap_args(softcap),
         )
     return logp, lse, ent
 
@@ -223,8 +257,10 @@ def logprobs_bwd(
     g_ent: Tensor | None,
     tau: float,
     ignore_index: int,
+    softcap: float | None = None,
 ) -> Tensor:
-    """d(sum g_logp*logp + g_ent*H)/dz as a contiguous (B, T, V) tensor in x3's dtype."""
+    """d(sum g_logp*logp + g_ent*H)/dz as a contiguous (B, T, V) tensor in x3's dtype (``softcap``: as in
+    ``logprobs_fwd``)."""
     x3, labels = _as_kernel_args(x3, labels)
     B, T, V = x3.shape
     N = B * T
@@ -257,5 +293,6 @@ def logprobs_bwd(
         ROUND_BF16=x3.dtype == torch.bfloat16 and interpreter.on(),
         BLOCK_V=BLOCK_V,
         num_warps=warps,
+        **cap_args(softcap),
     )
     return grad

@@ -413,9 +413,94 @@ def test_softcap_gradcheck_and_fp32(small_chunks):
         _close(name, a, r, 1e-5 * max(1.0, r.abs().max().item()))
 
 
-def test_softcap_refused_where_not_implemented():
+def test_softcap_must_be_positive():
     h, w, b, y = _make((2, 3), 5, 7)
-    with pytest.raises(ValueError, match="softcap must be > 0|softcap"):
-        apa_fast.linear_token_logprobs(h, w, y, softcap=0.0, backend="torch")
-    with pytest.raises(ValueError, match="softcap is not implemented by the 'triton' backend yet; use backend='torch'"):
-        apa_fast.linear_token_logprobs(h.float(), w.float(), y, softcap=2.0, backend="triton")
+    for bad in (0.0, -1.0, float("inf")):
+        for backend in ("torch", "reference"):
+            with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
+                apa_fast.linear_token_logprobs(h, w, y, softcap=bad, backend=backend)
+    rl, adv, m = apa_targets((2, 3), seed=7)
+    with pytest.raises(ValueError, match="softcap must be a finite number > 0"):
+        apa_fast.linear_apa_loss(h, w, y.clamp(min=0), rl, adv, m, softcap=-2.0)
+
+
+@pytest.fixture
+def triton_small_vocab_blocks(monkeypatch):
+    """Vocab blocks of 64 columns under the interpreter: V = 257 spans five of them, the last ragged."""
+    pytest.importorskip("triton")
+    import kernels.interpreter
+
+    monkeypatch.setattr(kernels.interpreter, "LINEAR_MAX_BLOCK_V", 64)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("tau,cap,bias", [(1.0, 2.0, True), (0.7, 0.5, False)])
+def test_softcap_triton_fp32_matches_reference(splits, tau, cap, bias, triton_small_vocab_blocks, monkeypatch):
+    """Triton (interpreted) soft-capped log-probs, entropy, a fused loss and every gradient against the float64
+    reference, over several vocab blocks (and vocab splits), with ignored rows. Tolerances as without a cap
+    (test_token_logprobs_fp32_matches_reference): |tanh| <= 1 shrinks the logits, so fp32 rounding does not grow."""
+    import kernels.linear as kl
+
+    monkeypatch.setattr(kl, "FORCE_SPLITS", splits)
+    h, w, b, y = _make((3, 7), 20, 257, bias)
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(3, 7, generator=gen, dtype=torch.float64).to(DEVICE)
+    ge = torch.randn(3, 7, generator=gen, dtype=torch.float64).to(DEVICE)
+    lp, ent, grads = _run_token(lambda a, c, d: apa_fast.linear_token_logprobs(
+        a, c, y, bias=d, temperature=tau, return_entropy=True, backend="triton", softcap=cap), h, w, b, torch.float32, g, ge)
+    ref = _run_token(lambda a, c, d: reference.linear_token_logprobs(a, c, y, d, tau, -100, True, softcap=cap),
+                     h, w, b, torch.float64, g, ge)
+    assert (ref[0] - reference.linear_token_logprobs(h, w, y, b, tau)).abs().max() > 0.1  # the cap matters here
+    _close("logp", lp, ref[0], FP32_ATOL)
+    _close("entropy", ent, ref[1], FP32_ATOL)
+    for name, a, r in zip(("grad_h", "grad_W", "grad_b"), grads, ref[2]):
+        if r is None:
+            assert a is None
+            continue
+        _close(name, a, r, 2e-5 * max(1.0, r.abs().max().item()))
+    ignored = (y == -100).reshape(-1)
+    assert ignored.any() and torch.all(lp.reshape(-1)[ignored] == 0) and torch.all(grads[0].reshape(-1, 20)[ignored] == 0)
+    # the APA loss on the soft-capped log-probs (composed on the kernels), value and gradients
+    rl, adv, m = apa_targets((3, 7), seed=7)
+    yv = torch.where(m, y.clamp(min=0), -7)  # labels at masked positions are unused
+    la, ga = _run_apa(lambda a, c, d: apa_fast.linear_apa_loss(a, c, yv, rl.float(), adv.float(), m, bias=d, lam=0.5,
+                                                               temperature=tau, backend="triton", softcap=cap),
+                      h, w, b, torch.float32, 0.25)
+    lb, gb = _run_apa(lambda a, c, d: reference.linear_apa_loss(a, c, yv, rl, adv, m, d, 0.5, tau, softcap=cap),
+                      h, w, b, torch.float64, 0.25)
+    torch.testing.assert_close(la.double(), lb, rtol=2e-5, atol=1e-6)
+    for name, a, r in zip(("grad_h", "grad_W", "grad_b"), ga, gb):
+        if r is not None:
+            _close(name, a, r, 2e-5 * max(1.0, r.abs().max().item()))
+    assert torch.all(ga[0][~m] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_softcap_low_precision_no_worse_than_eager(backend, dtype, triton_small_vocab_blocks):
+    """bf16 with a cap: |ours - exact| <= |eager - exact| + margin, eager being F.linear, c tanh(z / c) and
+    log_softmax in bf16; margins as without a cap (test_low_precision_no_worse_than_eager): log-probs are fp32
+    results (1e-5 at |logp| <~ 20), gradients are stored in bf16 (one rounding of the largest entry)."""
+    lead, H, V, cap = (3, 6), 48, 389, 3.0
+    h, w, b, y = _make(lead, H, V, True)
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(lead, generator=gen, dtype=torch.float64).to(DEVICE)
+    ge = torch.randn(lead, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    def eager(a, c, d):
+        z = F.linear(a, c, d)
+        logsm = torch.log_softmax(cap * torch.tanh(z / cap), -1)
+        valid = y != -100
+        lp = torch.where(valid, logsm.gather(-1, torch.where(valid, y, 0)[..., None]).squeeze(-1), 0.0)
+        return lp, torch.where(valid, -(logsm.exp() * logsm).sum(-1), 0.0)
+
+    lp, ent, gs = _run_token(lambda a, c, d: apa_fast.linear_token_logprobs(
+        a, c, y, bias=d, return_entropy=True, backend=backend, softcap=cap), h, w, b, dtype, g, ge)
+    le, ee, ges = _run_token(eager, h, w, b, dtype, g, ge)
+    lx, ex, gxs = _run_token(lambda a, c, d: reference.linear_token_logprobs(a, c, y, d, 1.0, -100, True, softcap=cap),
+                             h, w, b, torch.float64, g, ge)
+    assert lp.dtype == torch.float32 and all(x.dtype == dtype for x in gs)
+    assert_no_worse_than_eager(f"logp {dtype}", lp, le, lx, margin=1e-5)
+    assert_no_worse_than_eager(f"entropy {dtype}", ent, ee, ex, margin=1e-5)
+    for name, a, e, x in zip(("grad_h", "grad_W", "grad_b"), gs, ges, gxs):
+        assert_no_worse_than_eager(f"{name} {dtype}", a, e, x, margin=rounding_margin(x, dtype))
