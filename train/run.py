@@ -100,6 +100,8 @@ def rollout(m: Models, prompts: list[str], cfg: Config, d: Dist, greedy: bool = 
     enc = tok(prompts, padding=True, truncation=True, max_length=cfg.max_prompt_len, return_tensors="pt").to(d.device)
     P = enc["input_ids"].shape[1]
     sample = {} if greedy else dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    if cfg.min_new_tokens:  # EOS suppressed until then (a benchmark's fixed response length)
+        sample["min_new_tokens"] = min(cfg.min_new_tokens, cfg.max_new_tokens)
     m.policy.eval()
     gen = m.policy.generate(
         **enc, do_sample=not greedy, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
