@@ -24,8 +24,9 @@ How the settings map (TRL's ``GRPOConfig`` / ``train.run`` flags), read off TRL'
   ``gradient_accumulation_steps = 1``, ``steps_per_generation = P / M`` (so ``generation_batch_size = P * G``),
   ``num_iterations = E``; one iteration is ``E * P / M`` of the Trainer's optimizer steps. With ``E > 1`` both
   compute the behaviour policy's log-probs in a separate no-grad forward (TRL: ``old_per_token_logps``); with
-  ``E = 1`` and one step per batch TRL skips that forward (the ratio is 1) and so does apa-fast (its experience
-  pass then runs the initial policy only, plus the entropy metric from the update's forward).
+  ``E = 1`` and one step per batch TRL skips that forward (the ratio is 1, ``old_per_token_logps`` = the
+  detached training log-probs) while apa-fast still runs it (its experience pass computes logp_old and the
+  entropy for the metrics): one more no-grad policy forward per iteration on apa-fast's side (job b).
 - loss: the clipped surrogate (``epsilon`` 0.2 = ``--ppo-clip``) + ``beta`` x k3 to the initial policy
   (``beta`` = ``--kl-loss-coef`` 0.04: both load a frozen reference model), token mean over the step's tokens
   (TRL ``loss_type="dapo"`` with one micro-batch per step = apa-fast's global token mean). TRL's
@@ -95,12 +96,13 @@ class Job:
     min_new_tokens: int = 0
     lr: float = 3e-4
     beta: float = 0.04  # GRPO's KL coefficient (k3 in the loss)
+    steps: int = 8  # iterations per run unless --steps (the first is left out)
 
 
 JOBS = {
     "a": Job("a", "offline arithmetic, tiny GPT-J, GRPO 16x4", "offline", "grpo", 16, 4, 16, 2, 4),
     "b": Job("b", "Llama 12x768 V=50,400 (~162M), GRPO 8x4, 64 tokens", "llama160m", "grpo", 8, 4, 8, 1, 64, 64,
-             lr=1e-6),
+             lr=1e-6, steps=3),
     "c": Job("c", "offline arithmetic, tiny GPT-J, PPO/APA with a critic, 64x1", "offline", "ppo", 64, 1, 32, 2, 4),
 }
 
@@ -290,9 +292,9 @@ def measure(jobs: list[Job], steps: int, repeats: int, threads: int, vllm: bool 
                     continue
                 t0 = time.time()
                 if how and how.startswith("trl"):
-                    r = run_trl(job, steps, threads, vllm=how == "trl-vllm")
+                    r = run_trl(job, steps or job.steps, threads, vllm=how == "trl-vllm")
                 else:
-                    r = run_apa(job, steps, threads, algo=how)
+                    r = run_apa(job, steps or job.steps, threads, algo=how)
                 r["wall_s"] = round(time.time() - t0, 1)
                 if "iterations" in r:
                     r["tokens_per_s"], r["measured_iterations"] = throughput(r["iterations"])
@@ -356,7 +358,8 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", default="a,b,c", help="comma-separated subset of " + ",".join(JOBS))
-    ap.add_argument("--steps", type=int, default=4, help="iterations per run (the first is left out as warm-up)")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="iterations per run, the first left out as warm-up (0: each job's own: a, c 8; b 3)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each (job, implementation), interleaved")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every process")
     ap.add_argument("--tiny", action="store_true", help="job a at 4 prompts x 2 samples, 2 iterations, 1 repeat")
@@ -399,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = describe(device)
     cmd = "python -m bench.peers " + " ".join(argv if argv is not None else sys.argv[1:])
     out = {"command": cmd.strip(), "machine": machine, "versions": versions(), "wall_s": round(time.time() - t0, 1),
-           "settings": {"steps": steps, "repeats": repeats, "threads": a.threads, "precision": "fp32",
+           "settings": {"steps": steps or {j.name: j.steps for j in jobs}, "repeats": repeats, "threads": a.threads, "precision": "fp32",
                         "attention": "sdpa", "jobs": {j.name: asdict(j) for j in jobs}, "reward": REWARD,
                         "tokens": "completion tokens up to and including the first EOS (no padding), iterations 2..K",
                         "peak_rss": "VmHWM of the training process"},
@@ -412,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     v = out["versions"]
     print(f"\n{device.upper()}: {machine['cpu']} ({machine['cpu_count']} cores, {a.threads} torch threads per process), "
           f"apa-fast {v['apa-fast']}, trl {v['trl']}, transformers {v['transformers']}, torch {v['torch']}; "
-          f"{steps} iterations per run (tokens/s over 2..{steps}), {repeats} interleaved repeat(s).\n")
+          f"iterations per run: {steps or {j.name: j.steps for j in jobs}} (tokens/s over 2..K), {repeats} interleaved "
+          "repeat(s).\n")
     print(markdown(rows))
     print(f"\nwrote {os.path.join(a.results_dir, f'peers-{stamp}.json')}")
     return 0
