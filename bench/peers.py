@@ -126,6 +126,7 @@ def trl_unavailable(job: Job) -> str | None:
     if importlib.util.find_spec("trl") is None:
         return "TRL is not installed (pip install -e '.[peers]' -c constraints.txt)"
     if job.algo != "grpo":
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # looking for trl.experimental.ppo warns otherwise
         has_ppo = importlib.util.find_spec("trl.experimental") is not None and \
             importlib.util.find_spec("trl.experimental.ppo") is not None
         if not has_ppo:
@@ -140,7 +141,7 @@ def trl_unavailable(job: Job) -> str | None:
 
 
 def _env(threads: int) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": bt.ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
