@@ -29,5 +29,7 @@ setup(
         "bench": ["pytest>=7.4", "pytest-benchmark>=4.0"],
         "gpu": ["flash-attn>=2.5"],
         "tensorboard": ["tensorboard>=2.14"],
+        # bench.peers only (apa-fast's trainer against TRL's); never imported by apa_fast or train
+        "peers": ["trl>=1.16"],
     },
 )

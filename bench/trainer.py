@@ -33,14 +33,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATHS = ("auto", "torch", "eager")
 
 
-def run_one(backend: str, steps: int, extra: list[str], timeout: float = 900) -> dict:
+def run_one(backend: str, steps: int, extra: list[str], timeout: float = 900, env: dict | None = None) -> dict:
+    """``python -m train.run`` in its own process; its result with the metrics rows (``rows``), or ``error``."""
     out = tempfile.mkdtemp(prefix=f"apa-bench-train-{backend}-")
     cmd = [sys.executable, "-m", "train.run", "--kernel-backend", backend, "--steps", str(steps), "--out", out,
            "--no-progress", "--no-plot", "--no-export", "--no-tensorboard", "--eval-every", "0", *extra]
     log_path = os.path.join(out, "stdout.log")
     with open(log_path, "w") as logf:
         try:
-            code = subprocess.run(cmd, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            code = subprocess.run(cmd, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout,
+                                  env=env).returncode
         except subprocess.TimeoutExpired:
             code = f"timed out after {timeout:.0f} s"
     res: dict = dict(backend=backend, command=" ".join(cmd[1:]), returncode=code, out=out)
@@ -51,6 +53,7 @@ def run_one(backend: str, steps: int, extra: list[str], timeout: float = 900) ->
         return res
     with open(mpath) as f:
         rows = [json.loads(ln) for ln in f if ln.strip()]
+    res["rows"] = rows
     steady = rows[1:] if len(rows) > 1 else rows
     res["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in steady)
     res["iter_s"] = statistics.median(r["iter_s"] for r in steady)
@@ -89,28 +92,53 @@ def padded_vocab_model(vocab: int) -> str:
     return str(dst)
 
 
-def gptj_160m_model(vocab: int = 50400) -> str:
-    """A GPT-J-shaped model of ~160M parameters (12 layers, 768 wide, V = 50,400, random weights) with the
-    padded offline tokenizer, built locally and cached; returns its dir."""
+def _random_160m_model(name: str, vocab: int, make) -> str:
+    """A randomly initialised ~160M-parameter causal LM with the padded offline tokenizer (V = ``vocab``), built
+    locally by ``make(tokenizer) -> model`` under the cache's ``name`` and cached; returns its dir."""
     from train import offline
 
-    dst = offline.default_cache_dir() / f"gptj-12x768-vocab{vocab}"
+    dst = offline.default_cache_dir() / name
     if (dst / "DONE").exists():
         return str(dst)
     import torch
-    from transformers import AutoTokenizer, GPTJConfig, GPTJForCausalLM
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(padded_vocab_model(vocab))
-    cfg = GPTJConfig(vocab_size=vocab, n_positions=2048, n_embd=768, n_layer=12, n_head=12, rotary_dim=64,
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                     tie_word_embeddings=False)
     torch.manual_seed(0)
     tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
-    GPTJForCausalLM(cfg).save_pretrained(tmp)
+    make(tok).save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "DONE").write_text("ok\n")
     os.replace(tmp, dst)
     return str(dst)
+
+
+def gptj_160m_model(vocab: int = 50400) -> str:
+    """A GPT-J-shaped model of ~160M parameters (12 layers, 768 wide, V = 50,400, random weights) with the
+    padded offline tokenizer, built locally and cached; returns its dir."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    def make(tok):
+        return GPTJForCausalLM(GPTJConfig(
+            vocab_size=vocab, n_positions=2048, n_embd=768, n_layer=12, n_head=12, rotary_dim=64,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=False))
+
+    return _random_160m_model(f"gptj-12x768-vocab{vocab}", vocab, make)
+
+
+def llama_160m_model(vocab: int = 50400) -> str:
+    """A Llama-shaped model of ~162M parameters (12 layers, 768 wide, MLP 2048, 12 heads, V = 50,400, untied
+    head, random weights) with the padded offline tokenizer, built locally and cached; returns its dir."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(tok):
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+            num_key_value_heads=12, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False))
+
+    return _random_160m_model(f"llama-12x768-vocab{vocab}", vocab, make)
 
 
 def critic_memory(steps: int = 2) -> list[str]:

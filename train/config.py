@@ -80,6 +80,8 @@ class Config:
     reward_clip: float = _f(10.0, "clip (scaled) scores to [-c, c] (0: off)")
     # sampling
     max_new_tokens: int = _f(-1, "response length cap; -1: the preset's (paper: 128)")
+    min_new_tokens: int = _f(0, "generate at least this many tokens (EOS suppressed before: transformers' "
+                             "min_new_tokens); 0: off. For benchmarks that need a fixed response length")
     max_prompt_len: int = _f(-1, "prompts are truncated from the left to this many tokens; -1: the preset's")
     temperature: float = _f(1.0, "sampling temperature (the log-probs use the same temperature)")
     top_k: int = _f(0, "top-k sampling (0: off; the trained log-probs are of the full tempered softmax)")

@@ -104,6 +104,8 @@ def rollout(m: Models, prompts: list[Prompt], cfg: Config, d: Dist, greedy: bool
               add_special_tokens=not chat).to(d.device)
     P = enc["input_ids"].shape[1]
     sample = {} if greedy else dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    if cfg.min_new_tokens:  # EOS suppressed until then (a benchmark's fixed response length)
+        sample["min_new_tokens"] = min(cfg.min_new_tokens, cfg.max_new_tokens)
     m.policy.eval()
     gen = m.policy.generate(
         **enc, do_sample=not greedy, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
@@ -488,7 +490,11 @@ def setup_run(cfg: Config, d: Dist, log) -> Run:
     _fit_positions(cfg, m, log)
     torch.manual_seed(cfg.seed + 100_003 * d.rank)  # sampling: each rank its own stream
     params = [p for mod in (m.policy, m.critic) if mod is not None for p in mod.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+    # one process: the fused kernel (one pass over each tensor, the default of TRL and transformers on torch >= 2.8;
+    # 2-5x faster steps than the per-tensor loop on a 162M model here); FSDP2's sharded DTensors keep the loop
+    fused = d.mesh is None and all(p.dtype in (torch.float32, torch.bfloat16) for p in params)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            **({"fused": True} if fused else {"foreach": False}))
     progress = Progress(PromptSampler(prompts, cfg.batch_size, cfg.seed, d),
                         KLController(cfg.kl_init, cfg.kl_target, cfg.kl_horizon), RewardScaler(cfg.reward_scale, cfg.reward_clip))
     models = nn.ModuleDict({"policy": m.policy, **({"critic": m.critic} if m.critic is not None else {})})

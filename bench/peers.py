@@ -1,0 +1,427 @@
+"""apa-fast's trainer against TRL's on the same jobs, side by side in one run on this machine.
+
+``python -m bench.peers [--jobs a,b,c] [--steps K] [--repeats R] [--threads T] [--tiny]``
+
+Each (job, implementation) runs in its own process, interleaved (a-apa, a-trl, b-apa, b-trl, then the next
+repeat with the order inside each job swapped), so that the ratios are measured under the same load. Jobs:
+
+- ``a``: the offline arithmetic task (the warmed-up tiny GPT-J and its character tokenizer,
+  ``train/data/arith_prompts.jsonl``, ``train.offline:arith_reward``), GRPO, 16 prompts x 4 samples per
+  iteration, at most 4 new tokens, 2 epochs of one gradient step each.
+- ``b``: a ~162M-parameter Llama-shaped model (12 layers, 768 wide, V = 50,400, random weights, built locally
+  with the offline tokenizer padded to 50,400: ``bench.trainer.llama_160m_model``), the same prompts and reward,
+  GRPO, 8 prompts x 4 samples, exactly 64 new tokens (EOS suppressed until then on both sides: transformers'
+  ``min_new_tokens``), 1 epoch of one gradient step.
+- ``c``: PPO/APA with a critic. TRL 1.x ships no PPO trainer (``trl.experimental.ppo`` and ``trl.PPOTrainer``
+  are gone), so the TRL row records that and apa-fast's APA (separate critic, GAE) and PPO run alone on the
+  offline task as shipped (64 prompts x 1, 2 epochs x 2 minibatches of 32).
+
+How the settings map (TRL's ``GRPOConfig`` / ``train.run`` flags), read off TRL's ``GRPOTrainer`` source:
+
+- one iteration = one generation batch and every update on it. apa-fast: ``--batch-size P`` prompts x
+  ``--samples-per-prompt G`` sequences, ``--epochs E`` passes of ``P / --minibatch-size M`` gradient steps.
+  TRL: ``num_generations = G``, ``per_device_train_batch_size = M * G`` (one gradient step's sequences),
+  ``gradient_accumulation_steps = 1``, ``steps_per_generation = P / M`` (so ``generation_batch_size = P * G``),
+  ``num_iterations = E``; one iteration is ``E * P / M`` of the Trainer's optimizer steps. With ``E > 1`` both
+  compute the behaviour policy's log-probs in a separate no-grad forward (TRL: ``old_per_token_logps``); with
+  ``E = 1`` and one step per batch TRL skips that forward (the ratio is 1, ``old_per_token_logps`` = the
+  detached training log-probs) while apa-fast still runs it (its experience pass computes logp_old and the
+  entropy for the metrics): one more no-grad policy forward per iteration on apa-fast's side (job b).
+- loss: the clipped surrogate (``epsilon`` 0.2 = ``--ppo-clip``) + ``beta`` x k3 to the initial policy
+  (``beta`` = ``--kl-loss-coef`` 0.04: both load a frozen reference model), token mean over the step's tokens
+  (TRL ``loss_type="dapo"`` with one micro-batch per step = apa-fast's global token mean). TRL's
+  ``use_bias_correction_kl`` (on by default since 1.x: the KL term times the importance ratio) is turned off so
+  that both compute DeepSeekMath's k3 term. Advantages: ``(s - mean) / std`` within each group (TRL
+  ``scale_rewards="group"``, std + 1e-4; apa-fast std + 1e-6).
+- optimizer: AdamW, lr as the job's, weight decay 0, betas (0.9, 0.999), eps 1e-8, gradient clipping at norm
+  1.0 on both; TRL's learning-rate schedule is set to ``constant`` (apa-fast has none). TRL's optimizer is
+  transformers' default on torch >= 2.8 (``adamw_torch_fused``).
+- sampling: ``temperature`` 1, no top-k/top-p, HF ``generate`` with its KV cache on both (no vLLM here; on a
+  CUDA machine ``--trl-vllm`` would add TRL rows with ``use_vllm=True``, colocated; it needs vLLM installed).
+- the same model files, fp32 (TRL ``bf16=False``, ``model_init_kwargs`` dtype float32), SDPA attention on both,
+  ``torch.set_num_threads(T)`` in both processes (and ``OMP_NUM_THREADS=T``), ``use_cpu=True`` on CPU, seed 0.
+
+What is measured, identically for both:
+
+- **tokens/s**: completion tokens generated (each sequence's tokens up to and including its first EOS, no
+  padding; apa-fast's ``response_tokens``, TRL's ``completion_ids`` as its reward function receives them)
+  summed over iterations 2..K, over the wall time of those iterations. An iteration's time runs from the start
+  of generation to the end of its last optimizer step: apa-fast's ``iter_s`` (rollout + score + experience +
+  update), TRL's ``on_step_begin`` of its first optimizer step (generation happens inside that step's
+  ``_prepare_inputs``) to ``on_step_end`` of its last. Logging, evaluation and checkpoints fall outside on both.
+- **peak RSS**: ``VmHWM`` of the training process (each job runs alone in its own process; nothing spawns
+  children), read by the process itself at the end (apa-fast: its metrics' ``max_rss_gb``).
+
+Writes ``bench/results/peers-<stamp>.json`` and ``latest-cpu-peers.json`` (``rows``: one per job and
+implementation with the median over repeats and every repeat's figure; ``machine``; ``versions``;
+``settings``) and prints a Markdown table. ``--tiny`` (for the test): job a at 4 prompts x 2 samples, 2
+iterations, one repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata as md
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+
+from . import trainer as bt
+
+RESULTS = os.path.join(bt.ROOT, "bench", "results")
+REWARD = "train.offline:arith_reward"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job's matched settings (see the module docstring for how each maps to TRL)."""
+
+    name: str
+    title: str
+    model: str  # "offline" (the warmed-up tiny GPT-J) or "llama160m"
+    algo: str  # grpo (both), or apa / ppo (apa-fast only: TRL has no PPO trainer)
+    prompts: int  # per iteration
+    samples: int  # per prompt
+    minibatch: int  # prompts per gradient step
+    epochs: int
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    lr: float = 3e-4
+    beta: float = 0.04  # GRPO's KL coefficient (k3 in the loss)
+    steps: int = 8  # iterations per run unless --steps (the first is left out)
+
+
+JOBS = {
+    "a": Job("a", "offline arithmetic, tiny GPT-J, GRPO 16x4", "offline", "grpo", 16, 4, 16, 2, 4),
+    "b": Job("b", "Llama 12x768 V=50,400 (~162M), GRPO 8x4, 64 tokens", "llama160m", "grpo", 8, 4, 8, 1, 64, 64,
+             lr=1e-6, steps=3),
+    "c": Job("c", "offline arithmetic, tiny GPT-J, PPO/APA with a critic, 64x1", "offline", "ppo", 64, 1, 32, 2, 4),
+}
+
+
+def model_dir(job: Job) -> str:
+    if job.model == "llama160m":
+        return bt.llama_160m_model()
+    from train import offline
+
+    return str(offline.warmed_up_model())
+
+
+def dataset_file() -> str:
+    from train import offline
+
+    return str(offline.DATA_DIR / "arith_prompts.jsonl")
+
+
+def trl_unavailable(job: Job) -> str | None:
+    """Why TRL cannot run ``job`` here (None: it can)."""
+    if importlib.util.find_spec("trl") is None:
+        return "TRL is not installed (pip install -e '.[peers]' -c constraints.txt)"
+    if job.algo != "grpo":
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # looking for trl.experimental.ppo warns otherwise
+        has_ppo = importlib.util.find_spec("trl.experimental") is not None and \
+            importlib.util.find_spec("trl.experimental.ppo") is not None
+        if not has_ppo:
+            return (f"trl {md.version('trl')} ships no PPO trainer (no trl.experimental.ppo, no trl.PPOTrainer: "
+                    "removed from TRL), so there is no TRL PPO to run")
+        return f"trl {md.version('trl')} has trl.experimental.ppo, but bench.peers does not drive it"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# the two implementations, each in its own process
+
+
+def _env(threads: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": bt.ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def run_apa(job: Job, steps: int, threads: int, algo: str | None = None) -> dict:
+    """``python -m train.run`` on the job (apa-fast's GRPO, or ``algo``)."""
+    algo = algo or job.algo
+    flags = bt.offline_task_flags(model_dir(job)) + [
+        "--algo", algo, "--samples-per-prompt", str(job.samples), "--batch-size", str(job.prompts),
+        "--minibatch-size", str(job.minibatch), "--epochs", str(job.epochs), "--lr", str(job.lr),
+        "--max-new-tokens", str(job.max_new_tokens), "--min-new-tokens", str(job.min_new_tokens),
+        "--threads", str(threads), "--precision", "fp32", "--attn", "sdpa", "--temperature", "1.0",
+        "--save-every", "0", "--weight-decay", "0", "--max-grad-norm", "1.0", "--seed", "0"]
+    if algo == "grpo":
+        flags += ["--kl-loss-coef", str(job.beta)]
+    res = bt.run_one("auto", steps, flags, env=_env(threads))
+    shutil.rmtree(res["out"], ignore_errors=True)  # checkpoints of a 162M model: not worth keeping
+    if "rows" not in res:
+        return {"error": res.get("error", "")[-600:], "command": res["command"]}
+    rows = res["rows"]
+    per_iter = [(r["response_tokens"], r["iter_s"]) for r in rows]
+    phases = {k: statistics.median(r[f"time_{k}"] for r in rows[1:] or rows)
+              for k in ("rollout", "score", "experience", "update")}
+    return {"iterations": per_iter, "peak_rss_gb": max(r["max_rss_gb"] for r in rows), "phases_s": phases,
+            "command": "python " + res["command"]}
+
+
+def run_trl(job: Job, steps: int, threads: int, vllm: bool = False) -> dict:
+    """TRL's GRPOTrainer on the job, in a child process (``--trl-worker``)."""
+    spec = dict(job=asdict(job), steps=steps, threads=threads, model=model_dir(job), dataset=dataset_file(),
+                vllm=vllm)
+    with tempfile.TemporaryDirectory(prefix="apa-bench-trl-") as tmp:
+        out = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, "-m", "bench.peers", "--trl-worker", json.dumps(spec), "--worker-out", out]
+        p = subprocess.run(cmd, cwd=bt.ROOT, env=_env(threads), capture_output=True, text=True, timeout=1800)
+        if p.returncode != 0 or not os.path.exists(out):
+            return {"error": (p.stdout + p.stderr)[-600:], "command": "python -m bench.peers --trl-worker ..."}
+        with open(out) as f:
+            return json.load(f)
+
+
+def trl_worker(spec: dict) -> dict:
+    """Runs inside its own process: TRL's GRPOTrainer with the job's matched settings; returns per-iteration
+    (completion tokens, seconds) and the process's peak RSS."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from datasets import load_dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from train.metrics import peak_rss_gb
+
+    job = Job(**spec["job"])
+    mod, fn = REWARD.split(":")
+    reward = getattr(importlib.import_module(mod), fn)
+    gen_tokens: list[int] = []  # completion tokens per generation batch (one reward call each)
+
+    def arith_reward(prompts, completions, completion_ids, **_):
+        gen_tokens.append(sum(len(c) for c in completion_ids))  # up to and including the first EOS
+        return reward(prompts, completions)
+
+    steps_per_gen = job.prompts // job.minibatch
+    per_iter = steps_per_gen * job.epochs  # optimizer steps per generation batch
+
+    class IterationTimer(TrainerCallback):
+        """Wall time from the first optimizer step of an iteration (which generates) to the end of its last."""
+
+        def __init__(self):
+            self.t0, self.times = 0.0, []
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step % per_iter == 0:
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step % per_iter == 0:
+                self.times.append(time.perf_counter() - self.t0)
+
+    with tempfile.TemporaryDirectory(prefix="trl-out-") as tmp:
+        args = GRPOConfig(
+            output_dir=tmp, use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False, seed=0,
+            report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1, dataloader_num_workers=0,
+            max_steps=spec["steps"] * per_iter, learning_rate=job.lr, lr_scheduler_type="constant",
+            weight_decay=0.0, max_grad_norm=1.0, per_device_train_batch_size=job.minibatch * job.samples,
+            gradient_accumulation_steps=1, steps_per_generation=steps_per_gen, num_generations=job.samples,
+            num_iterations=job.epochs, max_completion_length=job.max_new_tokens, temperature=1.0, top_p=1.0,
+            top_k=0, generation_kwargs={"min_new_tokens": job.min_new_tokens} if job.min_new_tokens else None,
+            beta=job.beta, epsilon=0.2, loss_type="dapo", scale_rewards="group", use_bias_correction_kl=False,
+            model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"},
+            use_vllm=spec.get("vllm", False),
+        )
+        tok = AutoTokenizer.from_pretrained(spec["model"])
+        ds = load_dataset("json", data_files=spec["dataset"], split="train")
+        timer = IterationTimer()
+        trainer = GRPOTrainer(model=spec["model"], reward_funcs=arith_reward, args=args, train_dataset=ds,
+                              processing_class=tok, callbacks=[timer])
+        trainer.train()
+    return {"iterations": list(zip(gen_tokens, timer.times)), "peak_rss_gb": peak_rss_gb(),
+            "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
+                              else trainer.optimizer).__name__ + f" ({args.optim})"}
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+
+
+def throughput(iterations: list) -> tuple[float, int]:
+    """Tokens/s over iterations 2..K (the first warms up; all of them if there is only one), and K - 1."""
+    steady = iterations[1:] or iterations
+    return sum(n for n, _ in steady) / sum(t for _, t in steady), len(steady)
+
+
+def versions() -> dict:
+    out = {}
+    for pkg in ("torch", "transformers", "trl", "accelerate", "datasets"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    out["apa-fast"] = f"{md.version('apa-fast') if _installed('apa-fast') else '0.1.0'} (git {_git()})"
+    return out
+
+
+def _installed(dist: str) -> bool:
+    try:
+        md.version(dist)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+def _git() -> str:
+    from .machine import _git_rev
+
+    return _git_rev()
+
+
+def measure(jobs: list[Job], steps: int, repeats: int, threads: int, vllm: bool = False, log=print) -> list[dict]:
+    """Every (job, implementation) ``repeats`` times, interleaved; one row per job and implementation."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for rep in range(repeats):
+        for job in jobs:
+            impls = [("apa-fast", None)] if job.algo == "grpo" else [("apa-fast APA", "apa"), ("apa-fast PPO", "ppo")]
+            impls += [("trl", "trl")] + ([("trl vllm", "trl-vllm")] if vllm else [])
+            for impl, how in (impls if rep % 2 == 0 else impls[::-1]):
+                why = trl_unavailable(job) if how and how.startswith("trl") else None
+                if why:
+                    runs.setdefault((job.name, impl), []).append({"error": why})
+                    continue
+                t0 = time.time()
+                if how and how.startswith("trl"):
+                    r = run_trl(job, steps or job.steps, threads, vllm=how == "trl-vllm")
+                else:
+                    r = run_apa(job, steps or job.steps, threads, algo=how)
+                r["wall_s"] = round(time.time() - t0, 1)
+                if "iterations" in r:
+                    r["tokens_per_s"], r["measured_iterations"] = throughput(r["iterations"])
+                log(f"job {job.name} {impl} repeat {rep + 1}/{repeats}: "
+                    + (f"{r['tokens_per_s']:.1f} tokens/s, peak RSS {r['peak_rss_gb']:.2f} GB ({r['wall_s']} s)"
+                       if "tokens_per_s" in r else f"failed: {r.get('error', '')[-300:]}"))
+                runs.setdefault((job.name, impl), []).append(r)
+    return rows_from(runs)
+
+
+def rows_from(runs: dict) -> list[dict]:
+    """Median and spread over repeats; the ratio to TRL per repeat (the runs next to each other), then its median."""
+    rows = []
+    for (job, impl), rs in runs.items():
+        ok = [r for r in rs if "tokens_per_s" in r]
+        row = {"job": job, "impl": impl, "title": JOBS[job].title, "repeats": len(ok)}
+        if not ok:
+            row["error"] = rs[0].get("error", "failed")
+            rows.append(row)
+            continue
+        tps, rss = [r["tokens_per_s"] for r in ok], [r["peak_rss_gb"] for r in ok]
+        row.update(tokens_per_s=statistics.median(tps), tokens_per_s_runs=tps, peak_rss_gb=statistics.median(rss),
+                   peak_rss_gb_runs=rss, measured_iterations=ok[0]["measured_iterations"],
+                   tokens_per_iteration=statistics.median(n for r in ok for n, _ in r["iterations"]),
+                   command=ok[0].get("command"), runs=ok)
+        rows.append(row)
+    for row in rows:
+        trl = next((r for r in rows if r["job"] == row["job"] and r["impl"] == "trl" and "tokens_per_s" in r), None)
+        if trl is None or not row["impl"].startswith("apa-fast") or "tokens_per_s" not in row:
+            continue
+        pairs = list(zip(row["tokens_per_s_runs"], trl["tokens_per_s_runs"]))
+        row["speed_vs_trl_runs"] = [a / b for a, b in pairs]
+        row["speed_vs_trl"] = statistics.median(row["speed_vs_trl_runs"])
+        row["rss_vs_trl_runs"] = [a / b for a, b in zip(row["peak_rss_gb_runs"], trl["peak_rss_gb_runs"])]
+        row["rss_vs_trl"] = statistics.median(row["rss_vs_trl_runs"])
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table: per row tokens/s (median; min-max over repeats), peak RSS, ratios to TRL, targets."""
+    lines = ["| job | impl | tokens/s (median; range) | peak RSS GB | speed vs TRL | RSS vs TRL | targets |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "tokens_per_s" not in r:
+            lines.append(f"| {r['job']} | {r['impl']} | not run: {r['error'].splitlines()[-1][:160]} | | | | |")
+            continue
+        rng = f"{min(r['tokens_per_s_runs']):,.1f}-{max(r['tokens_per_s_runs']):,.1f}"
+        sp = f"{r['speed_vs_trl']:.2f}x ({min(r['speed_vs_trl_runs']):.2f}-{max(r['speed_vs_trl_runs']):.2f})" \
+            if "speed_vs_trl" in r else ""
+        mem = f"{r['rss_vs_trl']:.2f}x" if "rss_vs_trl" in r else ""
+        tgt = ""
+        if "speed_vs_trl" in r:
+            tgt = f"speed >= 1.5x: {'met' if r['speed_vs_trl'] >= 1.5 else 'NOT met'}"
+            if r["job"] == "b":
+                tgt += f"; RSS <= 0.8x: {'met' if r['rss_vs_trl'] <= 0.8 else 'NOT met'}"
+        lines.append(f"| {r['job']} | {r['impl']} | {r['tokens_per_s']:,.1f} ({rng}) | {r['peak_rss_gb']:.2f} | "
+                     f"{sp} | {mem} | {tgt} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", default="a,b,c", help="comma-separated subset of " + ",".join(JOBS))
+    ap.add_argument("--steps", type=int, default=0,
+                    help="iterations per run, the first left out as warm-up (0: each job's own: a, c 8; b 3)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each (job, implementation), interleaved")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in every process")
+    ap.add_argument("--tiny", action="store_true", help="job a at 4 prompts x 2 samples, 2 iterations, 1 repeat")
+    ap.add_argument("--trl-vllm", action="store_true", help="also TRL with use_vllm=True (CUDA + vLLM only)")
+    ap.add_argument("--results-dir", default=RESULTS)
+    ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.trl_worker:
+        res = trl_worker(json.loads(a.trl_worker))
+        with open(a.worker_out, "w") as f:
+            json.dump(res, f)
+        return 0
+    names = [n.strip() for n in a.jobs.split(",") if n.strip()]
+    bad = [n for n in names if n not in JOBS]
+    if bad or not names:
+        print(f"error: unknown job {','.join(bad) or '(none)'!r}; jobs: {', '.join(f'{k} ({j.title})' for k, j in JOBS.items())}",
+              file=sys.stderr)
+        return 2
+    jobs = [JOBS[n] for n in names]
+    if any(j.algo == "grpo" for j in jobs) and importlib.util.find_spec("trl") is None:
+        print("error: TRL is not installed; bench.peers compares against it: pip install -e '.[peers]' -c constraints.txt",
+              file=sys.stderr)
+        return 2
+    if a.trl_vllm and importlib.util.find_spec("vllm") is None:
+        print("error: --trl-vllm needs vLLM installed (and a CUDA GPU)", file=sys.stderr)
+        return 2
+    steps, repeats = a.steps, a.repeats
+    if a.tiny:
+        jobs = [replace(JOBS["a"], prompts=4, samples=2, minibatch=4)]
+        steps, repeats = 2, 1
+    import torch
+
+    from .machine import describe
+
+    t0 = time.time()
+    rows = measure(jobs, steps, repeats, a.threads, vllm=a.trl_vllm, log=lambda s: print(s, flush=True))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(a.threads)
+    machine = describe(device)
+    cmd = "python -m bench.peers " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = {"command": cmd.strip(), "machine": machine, "versions": versions(), "wall_s": round(time.time() - t0, 1),
+           "settings": {"steps": steps or {j.name: j.steps for j in jobs}, "repeats": repeats, "threads": a.threads, "precision": "fp32",
+                        "attention": "sdpa", "jobs": {j.name: asdict(j) for j in jobs}, "reward": REWARD,
+                        "tokens": "completion tokens up to and including the first EOS (no padding), iterations 2..K",
+                        "peak_rss": "VmHWM of the training process"},
+           "rows": rows}
+    os.makedirs(a.results_dir, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    for name in (f"peers-{stamp}.json", f"latest-{device}-peers.json"):
+        with open(os.path.join(a.results_dir, name), "w") as f:
+            json.dump(out, f, indent=1)
+    v = out["versions"]
+    print(f"\n{device.upper()}: {machine['cpu']} ({machine['cpu_count']} cores, {a.threads} torch threads per process), "
+          f"apa-fast {v['apa-fast']}, trl {v['trl']}, transformers {v['transformers']}, torch {v['torch']}; "
+          f"iterations per run: {steps or {j.name: j.steps for j in jobs}} (tokens/s over 2..K), {repeats} interleaved "
+          "repeat(s).\n")
+    print(markdown(rows))
+    print(f"\nwrote {os.path.join(a.results_dir, f'peers-{stamp}.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
