@@ -183,12 +183,13 @@ def arith_reward(prompts: list[str], completions: list[str], **_) -> list[float]
 class ProxyRecipe:
     """A GPT-J sequence classifier, initialised from the warmed-up policy (as reward models start from the SFT
     model), trained on ``samples`` completions of the warmed-up policy per training prompt, labelled by the
-    exact-sum checker. From so few labels it learns the answers the initial policy tends to give, not the rule:
+    exact-sum checker, plus each prompt's right sum once (a demonstration). From so few labels it learns the answers the initial policy tends to give, not the rule:
     it ranks fresh samples of that policy well and answers it never saw poorly, the gap that RL can exploit
     (Gao et al. 2022)."""
 
-    samples: int = 4
-    steps: int = 300
+    samples: int = 8
+    demonstrations: bool = True
+    steps: int = 600
     batch_size: int = 32
     lr: float = 5e-4
     seed: int = 0
@@ -213,6 +214,8 @@ def _train_proxy(warm: Path, recipe: ProxyRecipe, out: Path, log) -> None:
     prompts = [r["prompt"] for r in load_dataset("json", data_files=str(DATA_DIR / "arith_prompts.jsonl"), split="train")]
     policy = GPTJForCausalLM.from_pretrained(warm).eval()
     train_set = _labelled_samples(policy, tok, prompts, recipe.samples)
+    # and each prompt's right sum once, as preference data holds demonstrations beside the policy's own samples
+    train_set += [(p, 1.0) for p in _right_sums(prompts)] if recipe.demonstrations else []
     heldout = _labelled_samples(policy, tok, prompts, 2)  # fresh samples, for the stats only
     del policy
 
@@ -239,6 +242,10 @@ def _train_proxy(warm: Path, recipe: ProxyRecipe, out: Path, log) -> None:
     rm.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "proxy_stats.json").write_text(json.dumps(stats, indent=1))
+
+
+def _right_sums(prompts: list[str]) -> list[str]:
+    return [p + str(int(m.group(1)) + int(m.group(2))) for p in prompts if (m := _SUM.match(p))]
 
 
 @torch.no_grad()
