@@ -151,14 +151,20 @@ def critic_memory(steps: int = 2) -> list[str]:
         "--critic none (group), 8 prompts x 4": ["--batch-size", "8", "--minibatch-size", "8", "--advantage", "group",
                                                  "--critic", "none", "--samples-per-prompt", "4"],
     }
-    res = {k: run_one("auto", steps, base + v) for k, v in runs.items()}
-    lines = ["Critic memory on the GPT-J-shaped model (12 x 768, V = 50,400, ~160M parameters, fp32, AdamW): "
-             f"`python -m bench.trainer --critic-memory`, {steps} iterations each.", "",
-             "| run | peak memory MiB | vs separate critic |", "|---|---:|---:|"]
+    return _memory_table({k: base + v for k, v in runs.items()}, steps, "vs separate critic",
+                         "Critic memory on the GPT-J-shaped model (12 x 768, V = 50,400, ~160M parameters, fp32, "
+                         f"AdamW): `python -m bench.trainer --critic-memory`, {steps} iterations each.")
+
+
+def _memory_table(runs: dict[str, list[str]], steps: int, versus: str, title: str) -> list[str]:
+    """Peak memory of each run (each its own process), as a Markdown table against the first run."""
+    res = {k: run_one("auto", steps, v) for k, v in runs.items()}
+    lines = [title, "", f"| run | peak memory MiB | {versus} |", "|---|---:|---:|"]
     first = next(iter(res.values())).get("peak_mem_mib")
     for k, r in res.items():
         mem = r.get("peak_mem_mib")
-        lines.append(f"| {k} | {mem:,.0f} | {mem / first:.2f}x |" if mem and first else f"| {k} | failed | |")
+        lines.append(f"| {k} | {mem:,.0f} | {mem / first:.2f}x |" if mem and first else
+                     f"| {k} | failed: {r.get('error', '')[-300:]} | |")
     return lines + [""]
 
 
@@ -168,16 +174,9 @@ def lora_memory(steps: int = 2, rank: int = 8) -> list[str]:
     model = gptj_160m_model()
     base = offline_task_flags(model) + ["--batch-size", "32", "--minibatch-size", "32", "--critic", "separate"]
     runs = {"full fine-tuning": base, f"--lora-rank {rank}": base + ["--lora-rank", str(rank)]}
-    res = {k: run_one("auto", steps, v) for k, v in runs.items()}
-    lines = ["LoRA memory on the GPT-J-shaped model (12 x 768, V = 50,400, ~160M parameters, fp32, AdamW, separate "
-             f"critic): `python -m bench.trainer --lora-memory`, {steps} iterations each.", "",
-             "| run | peak memory MiB | vs full |", "|---|---:|---:|"]
-    first = next(iter(res.values())).get("peak_mem_mib")
-    for k, r in res.items():
-        mem = r.get("peak_mem_mib")
-        lines.append(f"| {k} | {mem:,.0f} | {mem / first:.2f}x |" if mem and first else
-                     f"| {k} | failed: {r.get('error', '')[-300:]} | |")
-    return lines + [""]
+    return _memory_table(runs, steps, "vs full", "LoRA memory on the GPT-J-shaped model (12 x 768, V = 50,400, "
+                         f"~160M parameters, fp32, AdamW, separate critic): `python -m bench.trainer --lora-memory`, "
+                         f"{steps} iterations each.")
 
 
 def offline_task_flags(model_dir: str) -> list[str]:

@@ -130,3 +130,19 @@ def test_proxy_reward_model_is_cached_and_loads_as_sequence_classification():
     s = rm(prompts, comps)
     assert len(s) == 4 and all(math.isfinite(x) for x in s)
     assert arith_reward(prompts, comps) == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_ppo_fixed_beta_with_kl_target_zero():
+    from train.run import KLController
+
+    fixed, adaptive = KLController(0.1, 0.0, 10000.0), KLController(0.1, 6.0, 10000.0)
+    for kl in (20.0, 0.0, 50.0):
+        fixed.update(kl, 64)
+        adaptive.update(kl, 64)
+    assert fixed.beta == 0.1 and adaptive.beta != 0.1
+
+
+def test_negative_kl_target_is_one_line():
+    p = subprocess.run([sys.executable, "-m", "train.run", "--algo", "ppo", "--kl-target", "-1", "--steps", "1"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and "--kl-target must be >= 0" in p.stderr and len(p.stderr.strip().splitlines()) == 1

@@ -51,15 +51,16 @@ class Arm:
 
 # Knob values, the same rule for every arm: its usual default (the APA paper's lambda, PPO's usual beta, GRPO's
 # DeepSeekMath beta, AWR's own lambda) and 3x, 10x, 30x more regularisation, toward the initial policy. The
-# learning rates are the winners of `--search-lr 1e-4,3e-4,1e-3` (README: "The reward-KL frontier").
+# learning rates are the winners of `--search-lr 3e-5,1e-4,3e-4,1e-3`: 1e-4 for every arm (README: "The
+# reward-KL frontier").
 ARMS: dict[str, Arm] = {
     "apa": Arm("APA (GAE, critic)", ("--algo", "apa", *GAE), "lam", (0.1, 0.3, 1.0, 3.0), 0.1, 1e-4),
     "apa-group": Arm("APA (group, no critic)", ("--algo", "apa", "--advantage", "group", *GROUP), "lam",
                      (0.1, 0.3, 1.0, 3.0), 0.1, 1e-4),
     "ppo": Arm("PPO (fixed beta)", ("--algo", "ppo", "--kl-target", "0", *GAE), "kl_init", (0.03, 0.1, 0.3, 1.0),
-               0.03, 3e-4),
-    "grpo": Arm("GRPO", ("--algo", "grpo", *GROUP), "kl_loss_coef", (0.04, 0.12, 0.4, 1.2), 0.04, 3e-4),
-    "awr": Arm("AWR", ("--algo", "awr", *GAE), "lam", (1.0, 3.0, 10.0, 30.0), 1.0, 3e-4),
+               0.03, 1e-4),
+    "grpo": Arm("GRPO", ("--algo", "grpo", *GROUP), "kl_loss_coef", (0.04, 0.12, 0.4, 1.2), 0.04, 1e-4),
+    "awr": Arm("AWR", ("--algo", "awr", *GAE), "lam", (1.0, 3.0, 10.0, 30.0), 1.0, 1e-4),
 }
 QUICK = dict(arms="apa,apa-group,ppo,grpo", seeds="0,1", steps=150, values=2)
 FULL = dict(arms=",".join(ARMS), seeds="0,1,2", steps=200, values=0)
