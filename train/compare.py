@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/compare", help="directory for the three runs and compare.png")
     ap.add_argument("--algos", default="apa,ppo,awr", help="comma-separated algorithms to run")
     ap.add_argument("--seed", type=int, default=0, help="the seed every run uses")
+    ap.add_argument("--steps", type=int, default=250, help="iterations of every run (-1: the preset's)")
     args, rest = ap.parse_known_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -32,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     for algo in args.algos.split(","):
         t0 = time.time()
         shutil.rmtree(out / algo, ignore_errors=True)  # compare owns OUT/<algo>: a re-run starts afresh
-        cmd = [sys.executable, "-m", "train.run", "--algo", algo, "--seed", str(args.seed), "--out", str(out / algo),
-               "--no-plot", *rest]
+        cmd = [sys.executable, "-m", "train.run", "--algo", algo, "--seed", str(args.seed), "--steps", str(args.steps),
+               "--out", str(out / algo), "--no-plot", *rest]
         print(f"== {algo}: {' '.join(cmd[1:])}", flush=True)
         p = subprocess.run(cmd)
         if p.returncode != 0:

@@ -130,8 +130,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "offline": dict(
         reward_model="train.offline:arith_reward",
         dataset=None,  # the shipped train/data/arith_prompts.jsonl
-        steps=250, batch_size=64, minibatch_size=32, epochs=2, lr=3e-4, lam=0.1, reward_scale="none",
-        max_new_tokens=4, max_prompt_len=16, unfrozen_layers=-1, save_every=50, eval_every=50, threads=1,
+        steps=1200, batch_size=64, minibatch_size=32, epochs=2, lr=3e-4, lam=0.1, reward_scale="none",
+        max_new_tokens=4, max_prompt_len=16, unfrozen_layers=-1, save_every=100, eval_every=200, threads=1,
     ),
     "gptj": dict(
         model="Dahoas/gptj-sft-static",

@@ -570,11 +570,14 @@ def finish(run: Run, cfg: Config, d: Dist, log) -> None:
     if d.main and cfg.plot and (run.out / "metrics.jsonl").exists():
         rows = read_metrics(run.out / "metrics.jsonl")
         plot_runs({cfg.algo: rows}, run.out / "plot.png", title=f"{cfg.algo} on {cfg.model}")
-        k = max(1, min(10, len(rows) // 4))
-        first = sum(r["reward_mean"] for r in rows[:k]) / k
-        last = sum(r["reward_mean"] for r in rows[-k:]) / k
-        kl = (f"final KL: k1 {rows[-1]['kl']:.3f}, sqrt(mean k3) {rows[-1]['kl_sqrt_k3']:.3f}; " if "kl" in rows[-1] else "")
-        log(f"reward (mean of the first / last {k} iterations) {first:.3f} -> {last:.3f}; {kl}plot: {run.out / 'plot.png'}")
+        k = max(1, len(rows) // 10)  # the first / last 10% of iterations (as train.sweep reads a run)
+        avg = lambda key, w: sum(r[key] for r in w) / len(w)  # noqa: E731
+        kl = (f"KL over the last {k}: k1 {avg('kl', rows[-k:]):.3f}, sqrt(mean k3) {avg('kl_sqrt_k3', rows[-k:]):.3f}; "
+              if "kl" in rows[-1] else "")
+        gold = (f"gold reward {avg('gold_reward_mean', rows[:k]):.3f} -> {avg('gold_reward_mean', rows[-k:]):.3f}; "
+                if "gold_reward_mean" in rows[-1] else "")
+        log(f"reward (mean of the first / last {k} iterations) {avg('reward_mean', rows[:k]):.3f} -> "
+            f"{avg('reward_mean', rows[-k:]):.3f}; {gold}{kl}plot: {run.out / 'plot.png'}")
         phases = ("rollout", "score", "experience", "update", "checkpoint")
         mean = {ph: sum(r.get(f"time_{ph}", 0.0) for r in rows) / len(rows) for ph in phases}
         log("time per iteration (mean s): " + ", ".join(f"{ph} {mean[ph]:.3f}" for ph in phases)

@@ -138,7 +138,7 @@ def matched_kl_levels(agg: list[dict], n: int = 4) -> list[float]:
     lo, hi = max(r[0] for r in ranges.values()), min(r[1] for r in ranges.values())
     if lo > hi:  # no KL common to all: the levels of the widest overlap of any two are still informative
         lo, hi = min(r[0] for r in ranges.values()), max(r[1] for r in ranges.values())
-    return [round(lo + (hi - lo) * i / (n - 1), 2) for i in range(n)] if hi > lo else [round(lo, 2)]
+    return [lo + (hi - lo) * i / (n - 1) for i in range(n)] if hi > lo else [lo]
 
 
 def results_md(agg: list[dict], levels: list[float]) -> str:
@@ -152,11 +152,11 @@ def results_md(agg: list[dict], levels: list[float]) -> str:
               "range):", "", "| KL | " + " | ".join(algos) + " |", "|---|" + "---|" * len(algos)]
     for kl in levels:
         cells = [at_kl(agg, algo, kl) for algo in algos]
-        lines.append(f"| {kl:g} | " + " | ".join("—" if c is None else f(c) for c in cells) + " |")
+        lines.append(f"| {kl:.2f} | " + " | ".join("—" if c is None else f(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_frontier(agg: list[dict], png: Path) -> None:
+def plot_frontier(agg: list[dict], png: Path, initial: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,7 +164,8 @@ def plot_frontier(agg: list[dict], png: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for algo in dict.fromkeys(a["algo"] for a in agg):
-        pts = sorted((a["kl"], a["gold_reward"], a["value"]) for a in agg if a["algo"] == algo)
+        pts = sorted(((a["kl"], a["gold_reward"], a["value"]) for a in agg if a["algo"] == algo),
+                     key=lambda p: p[0]["mean"])
         pts = [p for p in pts if math.isfinite(p[0]["mean"])]
         x, y = [p[0]["mean"] for p in pts], [p[1]["mean"] for p in pts]
         bars = ax.errorbar(x, y, xerr=[p[0]["ci95"] for p in pts], yerr=[p[1]["ci95"] for p in pts], marker="o",
@@ -172,6 +173,10 @@ def plot_frontier(agg: list[dict], png: Path) -> None:
         for (xi, yi), p in zip(zip(x, y), pts):
             ax.annotate(f"{p[2]:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
                         color=bars[0].get_color())
+    if initial is not None:
+        ax.axhline(initial["mean"], color="gray", ls="--", lw=1)
+        ax.annotate(f"initial policy (first iteration of every run): {initial['mean']:.3f}", (0, initial["mean"]),
+                    textcoords="offset points", xytext=(2, -10), fontsize=7, color="gray")
     ax.set_xlabel("KL to the initial policy (k1 per sequence, last 10% of iterations)")
     ax.set_ylabel("gold reward (exact sum; last 10%)")
     ax.set_title("reward-KL frontier: mean and 95% interval over seeds\n(labels: each algorithm's KL knob)",
@@ -184,7 +189,8 @@ def plot_frontier(agg: list[dict], png: Path) -> None:
 
 
 def plot_curves(curves: dict[str, list[list[dict]]], png: Path) -> None:
-    """Gold reward, proxy reward and KL against steps at each algorithm's default knob: mean and 95% band."""
+    """Gold reward, proxy reward and KL against steps at each algorithm's default knob: each seed's 10-iteration
+    running mean, then their mean and 95% band over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,29 +199,26 @@ def plot_curves(curves: dict[str, list[list[dict]]], png: Path) -> None:
     keys = [("gold_reward_mean", "gold reward (exact sum)"), ("reward_mean", "proxy reward (trained on)"),
             ("kl", "KL to the initial policy (k1)")]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    k = 10  # batch means of 64 samples are noisy
+
+    def smooth(y: list[float]) -> list[float]:
+        return [sum(y[max(0, j - k + 1): j + 1]) / len(y[max(0, j - k + 1): j + 1]) for j in range(len(y))]
+
     for algo, seeds in curves.items():
         n = min(len(rows) for rows in seeds)
+        steps = [r["step"] for r in seeds[0][:n]]
         for ax, (key, title) in zip(axes, keys):
-            steps, mean, lo, hi = [], [], [], []
-            for i in range(n):
-                vals = [rows[i][key] for rows in seeds if key in rows[i] and math.isfinite(rows[i][key])]
-                if not vals:
-                    continue
-                s = mean_ci(vals)
-                steps.append(seeds[0][i]["step"])
-                mean.append(s["mean"])
-                lo.append(s["mean"] - s["ci95"])
-                hi.append(s["mean"] + s["ci95"])
-            k = 10  # a 10-iteration running mean: the batch means are noisy
-            sm = lambda y: [sum(y[max(0, j - k + 1): j + 1]) / len(y[max(0, j - k + 1): j + 1]) for j in range(len(y))]  # noqa: E731
-            (line,) = ax.plot(steps, sm(mean), label=f"{ARMS[algo].label if algo in ARMS else algo}")
-            ax.fill_between(steps, sm(lo), sm(hi), color=line.get_color(), alpha=0.15)
+            per_seed = [smooth([r.get(key, math.nan) for r in rows[:n]]) for rows in seeds]
+            stats = [mean_ci([y[i] for y in per_seed]) for i in range(n)]
+            (line,) = ax.plot(steps, [s["mean"] for s in stats], label=ARMS[algo].label if algo in ARMS else algo)
+            ax.fill_between(steps, [s["mean"] - s["ci95"] for s in stats], [s["mean"] + s["ci95"] for s in stats],
+                            color=line.get_color(), alpha=0.15)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("iteration")
             ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("each algorithm at its default knob; mean over seeds with 95% band (10-iteration running mean)",
-                 fontsize=10)
+    fig.suptitle("each algorithm at its default knob: mean over seeds of each seed's 10-iteration running mean, "
+                 "with its 95% interval", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -372,13 +375,17 @@ def _run_all(todo: list[tuple], steps: int, out: Path, jobs: int, extra: list[st
 def report(runs: list[dict], out: Path, settings: dict) -> None:
     """results.json, results.md, frontier.png and curves.png from the complete runs."""
     agg = aggregate(runs)
+    # the initial policy's gold reward: every run's first iteration (sampled before any update)
+    initial = mean_ci([read_metrics(out / r["dir"] / "metrics.jsonl")[0].get("gold_reward_mean", math.nan) for r in runs])
     levels = matched_kl_levels(agg)
-    matched = {str(kl): {a: at_kl(agg, a, kl) for a in dict.fromkeys(r["algo"] for r in runs)} for kl in levels}
+    matched = {f"{kl:.3f}": {a: at_kl(agg, a, kl) for a in dict.fromkeys(r["algo"] for r in runs)} for kl in levels}
     (out / "results.json").write_text(json.dumps({"runs": runs, "aggregates": agg, "matched_kl": matched,
-                                                  "settings": settings}, indent=1, default=str))
-    md = results_md(agg, levels)
+                                                  "initial_gold_reward": initial, "settings": settings},
+                                                 indent=1, default=str))
+    md = results_md(agg, levels) + (f"\nThe initial policy's gold reward (the first iteration of every run): "
+                                    f"{initial['mean']:.3f} ± {initial['ci95']:.3f}.\n")
     (out / "results.md").write_text(md)
-    plot_frontier(agg, out / "frontier.png")
+    plot_frontier(agg, out / "frontier.png", initial)
     curves = {}
     for r in runs:
         if r["value"] == ARMS[r["algo"]].default:
