@@ -24,7 +24,8 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "peft>=0.13"],  # the LoRA tests run in CI
+        # CI runs the LoRA tests and bench.peers' tiny job against TRL (the suite skips the latter without TRL)
+        "test": ["pytest>=7.4", "peft>=0.13", "trl>=1.16"],
         "lora": ["peft>=0.13"],
         "bench": ["pytest>=7.4", "pytest-benchmark>=4.0"],
         "gpu": ["flash-attn>=2.5"],

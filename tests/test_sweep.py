@@ -146,3 +146,12 @@ def test_negative_kl_target_is_one_line():
     p = subprocess.run([sys.executable, "-m", "train.run", "--algo", "ppo", "--kl-target", "-1", "--steps", "1"],
                        cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and "--kl-target must be >= 0" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_matched_kl_levels_need_two_algorithms():
+    def row(algo, kl):
+        return {"algo": algo, "kl": {"mean": kl, "ci95": 0.0, "n": 1}}
+
+    agg = [row("apa", 0.15), row("apa", 1.2), row("ppo", 0.4), row("ppo", 2.5), row("awr", 4.0)]
+    # 0.5, 0.75 and 1.0 lie in both APA's [0.15, 1.2] and PPO's [0.4, 2.5]; 0.2 only in APA's, 3.0 only in none twice
+    assert sweep.matched_kl_levels(agg) == [0.5, 0.75, 1.0]

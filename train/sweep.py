@@ -50,17 +50,18 @@ class Arm:
 
 
 # Knob values, the same rule for every arm: its usual default (the APA paper's lambda, PPO's usual beta, GRPO's
-# DeepSeekMath beta, AWR's own lambda) and 3x, 10x, 30x more regularisation, toward the initial policy. The
+# DeepSeekMath beta, AWR's own lambda) and 3x, 10x, 30x more regularisation, toward the initial policy; where an
+# arm's best gold reward sat at an end of that range, one more 3x step beyond it (PPO: beta 3; AWR: lambda 0.3). The
 # learning rates are the winners of `--search-lr 3e-5,1e-4,3e-4,1e-3`: 1e-4 for every arm (README: "The
 # reward-KL frontier").
 ARMS: dict[str, Arm] = {
     "apa": Arm("APA (GAE, critic)", ("--algo", "apa", *GAE), "lam", (0.1, 0.3, 1.0, 3.0), 0.1, 1e-4),
     "apa-group": Arm("APA (group, no critic)", ("--algo", "apa", "--advantage", "group", *GROUP), "lam",
                      (0.1, 0.3, 1.0, 3.0), 0.1, 1e-4),
-    "ppo": Arm("PPO (fixed beta)", ("--algo", "ppo", "--kl-target", "0", *GAE), "kl_init", (0.03, 0.1, 0.3, 1.0),
-               0.03, 1e-4),
+    "ppo": Arm("PPO (fixed beta)", ("--algo", "ppo", "--kl-target", "0", *GAE), "kl_init",
+               (0.03, 0.1, 0.3, 1.0, 3.0), 0.03, 1e-4),
     "grpo": Arm("GRPO", ("--algo", "grpo", *GROUP), "kl_loss_coef", (0.04, 0.12, 0.4, 1.2), 0.04, 1e-4),
-    "awr": Arm("AWR", ("--algo", "awr", *GAE), "lam", (1.0, 3.0, 10.0, 30.0), 1.0, 1e-4),
+    "awr": Arm("AWR", ("--algo", "awr", *GAE), "lam", (0.3, 1.0, 3.0, 10.0, 30.0), 1.0, 1e-4),
 }
 QUICK = dict(arms="apa,apa-group,ppo,grpo", seeds="0,1", steps=150, values=2)
 FULL = dict(arms=",".join(ARMS), seeds="0,1,2", steps=200, values=0)
@@ -126,19 +127,17 @@ def at_kl(agg: list[dict], algo: str, kl: float) -> dict | None:
     return None
 
 
-def matched_kl_levels(agg: list[dict], n: int = 4) -> list[float]:
-    """KL levels inside every algorithm's covered range (when they overlap), spaced evenly."""
-    ranges = {}
+KL_LEVELS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+def matched_kl_levels(agg: list[dict]) -> list[float]:
+    """The levels of ``KL_LEVELS`` inside the KL range of at least two algorithms (where a comparison exists)."""
+    ranges: dict[str, tuple[float, float]] = {}
     for a in agg:
         if math.isfinite(a["kl"]["mean"]):
             lo, hi = ranges.get(a["algo"], (math.inf, -math.inf))
             ranges[a["algo"]] = (min(lo, a["kl"]["mean"]), max(hi, a["kl"]["mean"]))
-    if not ranges:
-        return []
-    lo, hi = max(r[0] for r in ranges.values()), min(r[1] for r in ranges.values())
-    if lo > hi:  # no KL common to all: the levels of the widest overlap of any two are still informative
-        lo, hi = min(r[0] for r in ranges.values()), max(r[1] for r in ranges.values())
-    return [lo + (hi - lo) * i / (n - 1) for i in range(n)] if hi > lo else [lo]
+    return [kl for kl in KL_LEVELS if sum(lo <= kl <= hi for lo, hi in ranges.values()) >= 2]
 
 
 def results_md(agg: list[dict], levels: list[float]) -> str:
@@ -152,7 +151,7 @@ def results_md(agg: list[dict], levels: list[float]) -> str:
               "range):", "", "| KL | " + " | ".join(algos) + " |", "|---|" + "---|" * len(algos)]
     for kl in levels:
         cells = [at_kl(agg, algo, kl) for algo in algos]
-        lines.append(f"| {kl:.2f} | " + " | ".join("—" if c is None else f(c) for c in cells) + " |")
+        lines.append(f"| {kl:g} | " + " | ".join("—" if c is None else f(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -162,10 +161,10 @@ def plot_frontier(agg: list[dict], png: Path, initial: dict | None = None) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
     for algo in dict.fromkeys(a["algo"] for a in agg):
-        pts = sorted(((a["kl"], a["gold_reward"], a["value"]) for a in agg if a["algo"] == algo),
-                     key=lambda p: p[0]["mean"])
+        # joined along the knob (for most arms also the order of KL; AWR's lambda does not bound its KL)
+        pts = sorted(((a["kl"], a["gold_reward"], a["value"]) for a in agg if a["algo"] == algo), key=lambda p: p[2])
         pts = [p for p in pts if math.isfinite(p[0]["mean"])]
         x, y = [p[0]["mean"] for p in pts], [p[1]["mean"] for p in pts]
         bars = ax.errorbar(x, y, xerr=[p[0]["ci95"] for p in pts], yerr=[p[1]["ci95"] for p in pts], marker="o",
@@ -175,8 +174,8 @@ def plot_frontier(agg: list[dict], png: Path, initial: dict | None = None) -> No
                         color=bars[0].get_color())
     if initial is not None:
         ax.axhline(initial["mean"], color="gray", ls="--", lw=1)
-        ax.annotate(f"initial policy (first iteration of every run): {initial['mean']:.3f}", (0, initial["mean"]),
-                    textcoords="offset points", xytext=(2, -10), fontsize=7, color="gray")
+        ax.annotate(f"initial policy: {initial['mean']:.3f}", (1, initial["mean"]), xycoords=("axes fraction", "data"),
+                    textcoords="offset points", xytext=(-90, 3), fontsize=7, color="gray")
     ax.set_xlabel("KL to the initial policy (k1 per sequence, last 10% of iterations)")
     ax.set_ylabel("gold reward (exact sum; last 10%)")
     ax.set_title("reward-KL frontier: mean and 95% interval over seeds\n(labels: each algorithm's KL knob)",
@@ -341,6 +340,11 @@ def search_lr(arms: list[str], lrs: list[float], steps: int, out: Path, jobs: in
 def _run_all(todo: list[tuple], steps: int, out: Path, jobs: int, extra: list[str]) -> list[str]:
     """Run the ``todo`` grid points ``(arm, knob value, seed, name)``, ``jobs`` at once; each marks itself
     ``DONE`` once it exits cleanly."""
+    if todo:  # the warm-up and the proxy once, here, rather than raced for by the first runs
+        from .offline import proxy_reward_model
+
+        cache = extra[extra.index("--cache-dir") + 1] if "--cache-dir" in extra[:-1] else None
+        proxy_reward_model(cache, log=lambda s: print(s, flush=True))
     pending, live, failed = list(todo), {}, []
     t0 = time.time()
     try:
@@ -378,7 +382,7 @@ def report(runs: list[dict], out: Path, settings: dict) -> None:
     # the initial policy's gold reward: every run's first iteration (sampled before any update)
     initial = mean_ci([read_metrics(out / r["dir"] / "metrics.jsonl")[0].get("gold_reward_mean", math.nan) for r in runs])
     levels = matched_kl_levels(agg)
-    matched = {f"{kl:.3f}": {a: at_kl(agg, a, kl) for a in dict.fromkeys(r["algo"] for r in runs)} for kl in levels}
+    matched = {f"{kl:g}": {a: at_kl(agg, a, kl) for a in dict.fromkeys(r["algo"] for r in runs)} for kl in levels}
     (out / "results.json").write_text(json.dumps({"runs": runs, "aggregates": agg, "matched_kl": matched,
                                                   "initial_gold_reward": initial, "settings": settings},
                                                  indent=1, default=str))
