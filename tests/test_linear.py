@@ -50,6 +50,17 @@ def _close(name, got, want, atol):
     assert err <= atol, f"{name}: max error {err:.3e} > {atol:.1e}"
 
 
+def _close_grads(grads, refs, rtol: float, dtype=None, prefix: str = "") -> None:
+    """grad_h, grad_W, grad_b each within ``rtol`` x max(1, max |ref|): sums of O(1) terms over up to N rows
+    (grad_W, grad_b) or V columns (grad_h); a None reference (no bias) wants a None gradient."""
+    for name, a, r in zip(("grad_h", "grad_W", "grad_b"), grads, refs):
+        if r is None:
+            assert a is None, name
+            continue
+        assert dtype is None or a.dtype == dtype, name
+        _close(prefix + name, a, r, rtol * max(1.0, r.abs().max().item()))
+
+
 # (lead, H, V): odd H and V, V = 1, a 3-D lead.
 SHAPES = [((4, 7), 32, 257), ((2, 3, 5), 19, 33), ((6,), 17, 1)]
 
@@ -73,13 +84,7 @@ def test_token_logprobs_fp32_matches_reference(backend, lead, H, V, bias, tau):
     # fp32 logits from an H-term dot product, then an fp32 log-sum-exp: see parity.FP32_ATOL
     _close("logp", lp, ref[0], FP32_ATOL)
     _close("entropy", ent, ref[1], FP32_ATOL)
-    for name, a, r in zip(("grad_h", "grad_W", "grad_b"), grads, ref[2]):
-        if r is None:
-            assert a is None
-            continue
-        assert a.dtype == torch.float32
-        # sums of O(1) fp32 terms over up to N rows (grad_W, grad_b) or V columns (grad_h)
-        _close(name, a, r, 2e-5 * max(1.0, r.abs().max().item()))
+    _close_grads(grads, ref[2], 2e-5, torch.float32)
     ignored = (y == -100).reshape(-1)
     assert torch.all(lp.reshape(-1)[ignored] == 0) and torch.all(ent.reshape(-1)[ignored] == 0)
     assert torch.all(grads[0].reshape(-1, H)[ignored] == 0)
@@ -302,8 +307,7 @@ def test_gpu_large_vocab_triton_vs_torch(dtype):
     for bk, (lp, ent, grads) in outs.items():
         tol = FP32_ATOL if dtype == torch.float32 else 0.1
         _close(f"{bk} logp", lp, ref[0], tol * 5)
-        for name, a, r in zip(("grad_h", "grad_W", "grad_b"), grads, ref[2]):
-            _close(f"{bk} {name}", a, r, (2e-5 if dtype == torch.float32 else 2e-2) * max(1.0, r.abs().max().item()))
+        _close_grads(grads, ref[2], 2e-5 if dtype == torch.float32 else 2e-2, prefix=f"{bk} ")
 
 
 @pytest.mark.parametrize("chunked", [False, True])
@@ -340,8 +344,7 @@ def test_triton_vocab_blocks_and_splits(splits, monkeypatch):
     ref = _run_token(lambda a, c, d: reference.linear_token_logprobs(a, c, y, d, 0.9, -100, True), h, w, b, torch.float64, g, ge)
     _close("logp", ours[0], ref[0], FP32_ATOL)
     _close("entropy", ours[1], ref[1], FP32_ATOL)
-    for name, a, r in zip(("grad_h", "grad_W", "grad_b"), ours[2], ref[2]):
-        _close(name, a, r, 2e-5 * max(1.0, r.abs().max().item()))
+    _close_grads(ours[2], ref[2], 2e-5)
 
 
 # ---- final logit soft-capping (Gemma 2): u = c tanh(z / c) / tau, inside the fused op ----------------
@@ -409,8 +412,7 @@ def test_softcap_gradcheck_and_fp32(small_chunks):
                      h.float(), w.float(), None if b is None else b.float(), torch.float64, g, ge)
     _close("logp", ours[0], ref[0], FP32_ATOL)
     _close("entropy", ours[1], ref[1], FP32_ATOL)
-    for name, a, r in zip(("grad_h", "grad_W", "grad_b"), ours[2], ref[2]):
-        _close(name, a, r, 1e-5 * max(1.0, r.abs().max().item()))
+    _close_grads(ours[2], ref[2], 1e-5)
 
 
 def test_softcap_must_be_positive():
@@ -453,11 +455,7 @@ def test_softcap_triton_fp32_matches_reference(splits, tau, cap, bias, triton_sm
     assert (ref[0] - reference.linear_token_logprobs(h, w, y, b, tau)).abs().max() > 0.1  # the cap matters here
     _close("logp", lp, ref[0], FP32_ATOL)
     _close("entropy", ent, ref[1], FP32_ATOL)
-    for name, a, r in zip(("grad_h", "grad_W", "grad_b"), grads, ref[2]):
-        if r is None:
-            assert a is None
-            continue
-        _close(name, a, r, 2e-5 * max(1.0, r.abs().max().item()))
+    _close_grads(grads, ref[2], 2e-5)
     ignored = (y == -100).reshape(-1)
     assert ignored.any() and torch.all(lp.reshape(-1)[ignored] == 0) and torch.all(grads[0].reshape(-1, 20)[ignored] == 0)
     # the APA loss on the soft-capped log-probs (composed on the kernels), value and gradients
