@@ -139,3 +139,14 @@ def test_lora_targets_and_unfrozen_layers_choose_the_adapted_layers(tiny, tmp_pa
     m = R.build_models(cfg, R.Dist(), print)
     names = {n.split(".lora_A.")[0] for n, _ in m.policy.named_parameters() if ".lora_A." in n}
     assert names == {f"lm.base_model.model.transformer.h.1.attn.{p}" for p in ("q_proj", "v_proj")}
+
+
+def test_lora_without_peft_is_one_line(tmp_path):
+    """peft is an extra: with it absent (hidden from the import system), --lora-rank says how to install it."""
+    code = ("import sys; sys.modules['peft'] = None; import importlib.util as u; "
+            "u.find_spec = (lambda f: (lambda n, *a: None if n == 'peft' else f(n, *a)))(u.find_spec); "
+            "from train.run import main; sys.exit(main(sys.argv[1:]))")
+    p = subprocess.run([sys.executable, "-c", code, "--lora-rank", "4", "--steps", "1", "--out", str(tmp_path / "o")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "--lora-rank needs peft" in p.stderr and ".[lora]" in p.stderr

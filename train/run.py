@@ -14,6 +14,7 @@ One iteration (``train``'s loop, each step a function below):
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import sys
@@ -545,6 +546,8 @@ def check_flags(cfg: Config, d: Dist) -> None:
         raise LoadError(f"--kl-loss-coef must be >= 0, got {cfg.kl_loss_coef}")
     if cfg.lora_rank < 0:
         raise LoadError(f"--lora-rank must be >= 1 for LoRA (or 0: off, full fine-tuning), got {cfg.lora_rank}")
+    if cfg.lora_rank > 0 and importlib.util.find_spec("peft") is None:
+        raise LoadError("--lora-rank needs peft, which is not installed: pip install -e '.[lora]' -c constraints.txt")
     if cfg.lora_rank > 0 and not (cfg.lora_alpha >= 0 and 0 <= cfg.lora_dropout < 1):
         raise LoadError(f"--lora-alpha must be >= 0 (0: 2 * rank) and --lora-dropout in [0, 1), got "
                         f"{cfg.lora_alpha} and {cfg.lora_dropout}")
