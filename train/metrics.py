@@ -71,7 +71,8 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
-def _smooth(y: list[float], k: int = 5) -> list[float]:
+def smooth(y: list[float], k: int = 5) -> list[float]:
+    """The running mean of the last ``k`` values (fewer at the start)."""
     out = []
     for i in range(len(y)):
         w = y[max(0, i - k + 1) : i + 1]
@@ -91,10 +92,10 @@ def plot_runs(runs: dict[str, list[dict]], png: Path, title: str = "") -> None:
     for name, rows in runs.items():
         steps = [r["step"] for r in rows]
         rew = [r["reward_mean"] for r in rows]
-        (line,) = a.plot(steps, _smooth(rew), label=name)
+        (line,) = a.plot(steps, smooth(rew), label=name)
         a.plot(steps, rew, color=line.get_color(), alpha=0.25, lw=0.8)
         kl = [r["kl_sqrt_k3"] for r in rows]
-        b.plot(steps, _smooth(kl), label=name, color=line.get_color())
+        b.plot(steps, smooth(kl), label=name, color=line.get_color())
         b.plot(steps, kl, color=line.get_color(), alpha=0.25, lw=0.8)
     a.set_xlabel("step")
     a.set_ylabel("reward (batch mean; line: 5-step average)")

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .metrics import read_metrics
+from .metrics import read_metrics, smooth
 
 # every arm: 64 sequences per iteration, minibatches of 32 sequences, 2 epochs (4 gradient steps)
 GAE = ("--batch-size", "64", "--minibatch-size", "32", "--epochs", "2")
@@ -97,7 +97,8 @@ def run_summary(run_dir: Path, tail: float = 0.1) -> dict:
         return sum(vals) / len(vals) if vals else math.nan
 
     return {"gold_reward": avg("gold_reward_mean"), "proxy_reward": avg("reward_mean"), "kl": avg("kl"),
-            "kl_sqrt_k3": avg("kl_sqrt_k3"), "steps": rows[-1]["step"] if rows else 0, "tail_iterations": k}
+            "kl_sqrt_k3": avg("kl_sqrt_k3"), "steps": rows[-1]["step"] if rows else 0, "tail_iterations": k,
+            "gold_reward_first": rows[0].get("gold_reward_mean", math.nan) if rows else math.nan}
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -198,16 +199,11 @@ def plot_curves(curves: dict[str, list[list[dict]]], png: Path) -> None:
     keys = [("gold_reward_mean", "gold reward (exact sum)"), ("reward_mean", "proxy reward (trained on)"),
             ("kl", "KL to the initial policy (k1)")]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    k = 10  # batch means of 64 samples are noisy
-
-    def smooth(y: list[float]) -> list[float]:
-        return [sum(y[max(0, j - k + 1): j + 1]) / len(y[max(0, j - k + 1): j + 1]) for j in range(len(y))]
-
     for algo, seeds in curves.items():
         n = min(len(rows) for rows in seeds)
         steps = [r["step"] for r in seeds[0][:n]]
         for ax, (key, title) in zip(axes, keys):
-            per_seed = [smooth([r.get(key, math.nan) for r in rows[:n]]) for rows in seeds]
+            per_seed = [smooth([r.get(key, math.nan) for r in rows[:n]], 10) for rows in seeds]  # noisy batch means
             stats = [mean_ci([y[i] for y in per_seed]) for i in range(n)]
             (line,) = ax.plot(steps, [s["mean"] for s in stats], label=ARMS[algo].label if algo in ARMS else algo)
             ax.fill_between(steps, [s["mean"] - s["ci95"] for s in stats], [s["mean"] + s["ci95"] for s in stats],
@@ -380,7 +376,7 @@ def report(runs: list[dict], out: Path, settings: dict) -> None:
     """results.json, results.md, frontier.png and curves.png from the complete runs."""
     agg = aggregate(runs)
     # the initial policy's gold reward: every run's first iteration (sampled before any update)
-    initial = mean_ci([read_metrics(out / r["dir"] / "metrics.jsonl")[0].get("gold_reward_mean", math.nan) for r in runs])
+    initial = mean_ci([r["gold_reward_first"] for r in runs])
     levels = matched_kl_levels(agg)
     matched = {f"{kl:g}": {a: at_kl(agg, a, kl) for a in dict.fromkeys(r["algo"] for r in runs)} for kl in levels}
     (out / "results.json").write_text(json.dumps({"runs": runs, "aggregates": agg, "matched_kl": matched,
