@@ -61,11 +61,11 @@ def test_each_algorithm_loss_decreases_on_a_fixed_batch(tiny, tmp_path, algo):
     params = [p for mod in (m.policy, m.critic) if mod is not None for p in mod.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, foreach=False)
     with torch.no_grad():
-        before = float(R.policy_loss(m, b, cfg)[0])
+        before = float(R.policy_loss(m, b, cfg).loss)
     for i in range(6):
         R.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(i))
     with torch.no_grad():
-        after = float(R.policy_loss(m, b, cfg)[0])
+        after = float(R.policy_loss(m, b, cfg).loss)
     assert math.isfinite(before) and after < before, (algo, before, after)
 
 
@@ -76,10 +76,47 @@ def test_apa_loss_is_the_formula(tiny, tmp_path):
     b = _experience(m, cfg, d)
     b.advantages = torch.randn_like(b.advantages) * b.mask
     with torch.no_grad():
-        fused = float(R.policy_loss(m, b, cfg)[0])
+        fused = float(R.policy_loss(m, b, cfg).loss)
         logp = m.policy(*b.forward_args(), temperature=cfg.temperature, backend="eager").logprobs
     ref = float(((logp - b.logp_init - b.advantages / cfg.lam) ** 2 * b.mask).sum() / b.mask.sum())
     assert fused == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "apa"])
+@pytest.mark.parametrize("backend", ["auto", "eager"])
+def test_on_policy_step_equals_a_separate_behaviour_pass(tiny, tmp_path, monkeypatch, algo, backend):
+    """Critic-free, one gradient step per epoch: the experience pass skips the policy, and the first step's own
+    log-probs stand in for it. Two epochs (the second uses them as logp_old) give the same parameters, losses
+    and KL/entropy metrics as with the separate no-grad pass."""
+    extra = ("--algo", algo, "--advantage", "group", "--samples-per-prompt", "2", "--batch-size", "4",
+             "--minibatch-size", "4", "--epochs", "2", "--reward-model", "train_fixtures:parity_reward",
+             "--kernel-backend", backend, "--kl-loss-coef", "0.1", "--lr", "1e-2")
+    cfg = cfg_for(tiny, tmp_path / "run", *extra)
+    assert R.on_policy(cfg, 8, R.Dist())
+    assert not R.on_policy(cfg_for(tiny, tmp_path / "run", *extra, "--minibatch-size", "2"), 8, R.Dist())
+    got = {}
+    for separate in (False, True):
+        if separate:
+            monkeypatch.setattr(R, "on_policy", lambda *a: False)
+        cfg, d, m = _models(tiny, tmp_path, *extra)
+        prompts = [q for q in R.load_prompts(cfg.dataset, "train", "prompt")[:4] for _ in range(2)]
+        torch.manual_seed(5)
+        b = experience(m, cfg, d, prompts)[1]
+        assert (b.logp_old is None) != separate and (b.entropy is None) != separate
+        params = [p for p in m.policy.parameters() if p.requires_grad]
+        init = torch.cat([p.detach().flatten() for p in params])
+        opt = torch.optim.SGD(params, lr=cfg.lr)
+        stats = R.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(0))
+        got[separate] = (torch.cat([p.detach().flatten() for p in params]), stats, R.iteration_metrics(b, cfg, d),
+                         b.logp_old)
+    (p1, s1, m1, lp1), (p2, s2, m2, lp2) = got[False], got[True]
+    torch.testing.assert_close(lp1, lp2, atol=1e-5, rtol=0)
+    step = float((p2 - init).abs().max())
+    assert step > 1e-3 and float((p1 - p2).abs().max()) <= 1e-5 * step
+    for k in ("loss", "policy_loss"):
+        assert s1[k] == pytest.approx(s2[k], rel=1e-5, abs=1e-7), k
+    for k in ("kl", "kl_sqrt_k3", "entropy", "reward_mean"):
+        assert m1[k] == pytest.approx(m2[k], rel=1e-5, abs=1e-6), k
 
 
 def test_nan_rewards_are_reported_and_left_out(tiny, tmp_path, capsys):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,12 +74,15 @@ class Policy(nn.Module):
         return self.lm.get_base_model() if self.lora else self.lm
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, labels: Tensor, start: int, *,
-                loss: TokenLoss | None = None, entropy: bool = False, values: bool = False,
-                temperature: float = 1.0, backend: str = "auto") -> TokenScores:
+                loss: TokenLoss | Callable[[TokenScores], TokenLoss] | None = None, entropy: bool = False,
+                values: bool = False, temperature: float = 1.0, backend: str = "auto") -> TokenScores:
         """Score ``labels`` (B, R; -100 where not scored), predicted from positions ``start .. start+R-1``.
 
         With ``loss`` (a per-token loss of the log-probs, ``apa_fast.losses``) returns that loss, fused;
-        otherwise the log-probs (and entropy). ``backend="eager"`` builds the logits: the baseline."""
+        otherwise the log-probs (and entropy). ``loss`` may instead build the loss from this forward's own
+        (detached) log-probs and entropy, which it then returns too: one body forward where an on-policy step
+        would otherwise need a separate no-grad pass for its behaviour log-probs. ``backend="eager"`` builds the
+        logits: the baseline."""
         lm = self.causal_lm
         h = _final_hidden(lm.base_model, input_ids, attention_mask, position_ids)[:, start : start + labels.shape[1]]
         temperature = temperature / self.logit_scale  # a head's scaling, folded into the softmax's temperature
@@ -86,14 +90,26 @@ class Policy(nn.Module):
         w, b = head.weight, head.bias
         out = TokenScores(values=self.v_head(h) if values else None)
         cap = self.softcap
+        own = loss is not None and not isinstance(loss, TokenLoss)  # the loss needs this forward's log-probs
         if backend == "eager":
-            lp = reference.token_logprobs(F.linear(h, w, b), labels, temperature, return_entropy=entropy, softcap=cap)
-            lp, out.entropy = lp if entropy else (lp, None)
+            lp = reference.token_logprobs(F.linear(h, w, b), labels, temperature, return_entropy=entropy or own,
+                                          softcap=cap)
+            lp, out.entropy = lp if entropy or own else (lp, None)
             if loss is None:
                 out.logprobs = lp
             else:
+                if own:
+                    out.logprobs, out.entropy = lp.detach(), out.entropy.detach()
+                    loss = loss(out)
                 out.loss = loss(lp)
-        elif loss is not None:
+            return out
+        if own:  # no gradient: only the head's matmul again, on the hidden states the loss below reuses
+            with torch.no_grad():
+                out.logprobs, out.entropy = apa_fast.linear_token_logprobs(
+                    h.detach(), w.detach(), labels, bias=None if b is None else b.detach(), temperature=temperature,
+                    return_entropy=True, backend=backend, softcap=cap)
+            loss = loss(out)
+        if loss is not None:
             out.loss = apa_fast.linear_token_loss(h, w, labels, loss, bias=b, temperature=temperature, backend=backend,
                                                   softcap=cap)
         else:

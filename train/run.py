@@ -35,7 +35,7 @@ from .dist import Dist, setup_dist
 from .errors import LoadError
 from .loading import Prompt, as_messages, check_chat_prompts, check_model_source, load_prompts, load_tokenizer, render_prompt
 from .metrics import MetricsLog, peak_rss_gb, plot_runs, read_metrics
-from .models import Models, build_models, position_ids_from_mask
+from .models import Models, TokenScores, build_models, position_ids_from_mask
 from .offline import DATA_DIR, build_tokenizer
 from .rewards import RewardScaler
 
@@ -61,7 +61,8 @@ class Rollout:
 
 @dataclass
 class Experience:
-    """One iteration's training data: per-token tensors over the R response positions, all filled."""
+    """One iteration's training data: per-token tensors over the R response positions, all filled, except
+    ``logp_old`` and ``entropy`` of an on-policy batch, which the update's first forward fills."""
 
     input_ids: Tensor
     attention_mask: Tensor
@@ -70,9 +71,9 @@ class Experience:
     labels: Tensor  # (B, R) response tokens, -100 where not trained
     mask: Tensor  # (B, R) bool: response tokens of rows whose score is a finite number
     scores: Tensor  # (B,) raw scores (NaN where the reward was not a number)
-    logp_old: Tensor  # behaviour policy
+    logp_old: Tensor | None  # behaviour policy (None until the update's first forward: see ``on_policy``)
     logp_init: Tensor | None  # frozen initial policy (None: not needed, GRPO with --kl-loss-coef 0)
-    entropy: Tensor
+    entropy: Tensor | None  # the behaviour policy's, filled with logp_old
     advantages: Tensor  # GAE, whitened; or the sequence's group advantage on each of its tokens
     rewards: Tensor | None  # GAE's token rewards: the scaled score on the last token, PPO's KL penalty
     values: Tensor | None  # the critic's (None: --critic none)
@@ -144,16 +145,26 @@ def score(reward, ro: Rollout, d: Dist, log, flag: str = "--reward-model") -> Te
     return scores
 
 
+def on_policy(cfg: Config, n_rows: int, d: Dist) -> bool:
+    """Critic-free advantages and one gradient step per epoch: the first step's forward sees exactly the policy
+    that sampled, so its own detached log-probs are the behaviour policy's (TRL's GRPO does the same when it
+    takes one step per batch) and the experience pass need not run the policy at all."""
+    return cfg.advantage == "group" and cfg.minibatch_size * cfg.samples_per_prompt // d.world >= n_rows
+
+
 @torch.no_grad()
 def make_experience(m: Models, ro: Rollout, scores: Tensor, scaled: Tensor, cfg: Config, beta: float,
                     d: Dist) -> Experience:
-    """logp_old (policy), logp_init (initial policy), values (critic), and the advantages from the ``scaled``
-    scores. Rows whose score is not a number leave the mask (and the loss)."""
+    """logp_old (policy; left to the update when ``on_policy``), logp_init (initial policy), values (critic), and
+    the advantages from the ``scaled`` scores. Rows whose score is not a number leave the mask (and the loss)."""
     mask = ro.mask & torch.isfinite(scores).unsqueeze(1)
     labels = torch.where(mask, ro.response, -100)
     args = (ro.input_ids, ro.attention_mask, ro.position_ids, labels, ro.prompt_len - 1)
     shared = cfg.critic == "shared"
-    pol = m.policy(*args, entropy=True, values=shared, temperature=cfg.temperature, backend=cfg.kernel_backend)
+    if on_policy(cfg, len(labels), d):
+        pol = TokenScores()
+    else:
+        pol = m.policy(*args, entropy=True, values=shared, temperature=cfg.temperature, backend=cfg.kernel_backend)
     values = pol.values if shared else None if m.critic is None else m.critic(*args)
     logp_init = None if m.ref is None else m.ref(*args, temperature=cfg.temperature, backend=cfg.kernel_backend).logprobs
     rewards, returns, zero_frac = None, None, None
@@ -206,12 +217,16 @@ def token_loss(mb: Experience, cfg: Config) -> losses.TokenLoss:
     return losses.awr_token_loss(A, m, lam=cfg.lam, max_weight=cfg.awr_max_weight or None)  # -logp exp(A/lam)
 
 
-def policy_loss(m: Models, mb: Experience, cfg: Config) -> tuple[Tensor, Tensor | None]:
+def policy_loss(m: Models, mb: Experience, cfg: Config) -> TokenScores:
     """The algorithm's loss on a minibatch (a masked mean over its local tokens, fused from hidden states)
-    and the shared critic's values."""
-    out = m.policy(*mb.forward_args(), loss=token_loss(mb, cfg), values=cfg.critic == "shared",
-                   temperature=cfg.temperature, backend=cfg.kernel_backend)
-    return out.loss, out.values
+    and the shared critic's values. Without behaviour log-probs yet (``on_policy``), this forward's own are
+    they: also returned, with their entropy."""
+    if mb.logp_old is None:
+        loss = lambda s: token_loss(dataclasses.replace(mb, logp_old=s.logprobs), cfg)  # noqa: E731
+    else:
+        loss = token_loss(mb, cfg)
+    return m.policy(*mb.forward_args(), loss=loss, values=cfg.critic == "shared", temperature=cfg.temperature,
+                    backend=cfg.kernel_backend)
 
 
 def update(m: Models, b: Experience, cfg: Config, d: Dist, opt: torch.optim.Optimizer, params: list,
@@ -231,11 +246,15 @@ def update(m: Models, b: Experience, cfg: Config, d: Dist, opt: torch.optim.Opti
         global_counts = d.sum(*counts)  # one all-reduce per epoch for every minibatch's token count
         n_total += sum(global_counts)
         for i, n_local, n_global in zip(starts, counts, global_counts):
-            mb = b.rows(perm[i : i + mb_size])
+            rows = perm[i : i + mb_size]
+            mb = b.rows(rows)
             # each rank's loss is a mean over its own tokens; FSDP averages gradients over ranks, so this
             # rescaling makes the update sum(token losses) / n_global, the same for any number of ranks
             scale = n_local * d.world / n_global if n_global > 0 else 0.0
-            pg, values = policy_loss(m, mb, cfg)
+            out = policy_loss(m, mb, cfg)
+            pg, values = out.loss, out.values
+            if b.logp_old is None:  # on-policy: this (only) minibatch's log-probs are the behaviour policy's
+                b.logp_old, b.entropy = (torch.empty_like(x).index_copy_(0, rows, x) for x in (out.logprobs, out.entropy))
             vf = pg.new_zeros(())
             if mb.returns is not None:  # a critic to train
                 if values is None:
