@@ -23,6 +23,7 @@ import apa_fast
 from apa_fast import reference
 from apa_fast.losses import TokenLoss
 
+from .activations import fuse_layers
 from .errors import LoadError
 
 
@@ -340,6 +341,8 @@ def build_models(cfg, d, log) -> Models:
                     logit_scale=scale, lora=lora, softcap=softcap)
     if not lora:
         freeze_bottom(policy, cfg.unfrozen_layers)
+    if cfg.fused_layers:
+        fuse_layers(policy)
     policy = place(policy, trainable=True)
 
     ref = None
@@ -357,6 +360,8 @@ def build_models(cfg, d, log) -> Models:
         critic = make_critic(add_lora(body, cfg, causal_lm=False) if lora else body, lm.config)
         if not lora:
             freeze_bottom(critic, cfg.unfrozen_layers)
+        if cfg.fused_layers:
+            fuse_layers(critic)
         critic = place(critic, trainable=True)
 
     def reward(spec: str):
