@@ -59,10 +59,11 @@ def test_each_algorithm_loss_decreases_on_a_fixed_batch(tiny, tmp_path, algo):
     b = _experience(m, cfg, d)
     assert torch.isfinite(b.advantages).all() and b.advantages[b.mask].abs().sum() > 0
     params = [p for mod in (m.policy, m.critic) if mod is not None for p in mod.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, foreach=False)
+    # plain gradient steps: Adam's sign-like first steps can raise PPO's clipped surrogate on some samples
+    opt = torch.optim.SGD(params, lr=1e-2)
     with torch.no_grad():
         before = float(R.policy_loss(m, b, cfg).loss)
-    for i in range(6):
+    for i in range(2):
         R.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(i))
     with torch.no_grad():
         after = float(R.policy_loss(m, b, cfg).loss)

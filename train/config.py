@@ -86,6 +86,8 @@ class Config:
     temperature: float = _f(1.0, "sampling temperature (the log-probs use the same temperature)")
     top_k: int = _f(0, "top-k sampling (0: off; the trained log-probs are of the full tempered softmax)")
     top_p: float = _f(1.0, "nucleus sampling (1: off)")
+    hf_generate: bool = _f(False, "sample with transformers' generate instead of the built-in KV-cached loop "
+                           "(train.sampling: the same distribution, drawn by inverse CDF, faster on CPU)")
     # models
     critic: str = _f("", "critic: a separate copy of the policy with a scalar head (the authors'), a value head on "
                      "the policy ('shared'), or none (with --advantage group); '': none with group advantages, else separate",

@@ -25,6 +25,7 @@ from apa_fast.losses import TokenLoss
 
 from .activations import fuse_layers
 from .errors import LoadError
+from .sampling import head_logits, sample
 
 
 @dataclass
@@ -121,6 +122,12 @@ class Policy(nn.Module):
 
     def generate(self, **kw):
         return self.lm.generate(**kw)
+
+    def sample(self, input_ids: Tensor, attention_mask: Tensor, **kw) -> tuple[Tensor, Tensor | None]:
+        """Responses from the built-in sampler (``train.sampling.sample``) on this policy's body and head."""
+        lm = self.causal_lm
+        head = head_logits(lm.get_output_embeddings(), self.logit_scale, self.softcap)
+        return sample(lm.base_model, head, input_ids, attention_mask, **kw)
 
 
 class AdaptersOff:
@@ -255,7 +262,7 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 
 def shard(model: nn.Module, mesh, mp_policy=None) -> nn.Module:
     """FSDP2, torchtitan style: ``fully_shard`` each transformer block, then the root (which keeps the
-    embeddings, the final norm and the heads); a policy's ``generate`` gathers like its forward."""
+    embeddings, the final norm and the heads); a policy's ``generate`` and ``sample`` gather like its forward."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     kw = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
@@ -264,6 +271,7 @@ def shard(model: nn.Module, mesh, mp_policy=None) -> nn.Module:
     fully_shard(model, **kw)
     if isinstance(model, Policy):
         register_fsdp_forward_method(model, "generate")
+        register_fsdp_forward_method(model, "sample")
     return model
 
 

@@ -95,9 +95,10 @@ class Experience:
 @torch.no_grad()
 def rollout(m: Models, prompts: list[Prompt], cfg: Config, d: Dist, greedy: bool = False,
             sampling_logprobs: bool = False) -> Rollout:
-    """Sample responses with ``generate`` from left-padded prompts (strings, or chats rendered with the policy
-    tokenizer's chat template). ``sampling_logprobs``: also keep the log-probs of the sampled tokens under the
-    distribution ``generate`` sampled from, to check against the training forward's."""
+    """Sample responses (``train.sampling``, or transformers' ``generate`` with ``--hf-generate``) from
+    left-padded prompts (strings, or chats rendered with the policy tokenizer's chat template).
+    ``sampling_logprobs``: also keep the log-probs of the sampled tokens under the distribution they were drawn
+    from, to check against the training forward's."""
     tok = m.tokenizer
     tok.padding_side, tok.truncation_side = "left", "left"
     texts = [render_prompt(p, tok) for p in prompts]
@@ -109,12 +110,18 @@ def rollout(m: Models, prompts: list[Prompt], cfg: Config, d: Dist, greedy: bool
     if cfg.min_new_tokens:  # EOS suppressed until then (a benchmark's fixed response length)
         sample["min_new_tokens"] = min(cfg.min_new_tokens, cfg.max_new_tokens)
     m.policy.eval()
-    gen = m.policy.generate(
-        **enc, do_sample=not greedy, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id, synced_gpus=d.world > 1, return_dict_in_generate=True,
-        output_logits=sampling_logprobs, **sample,
-    )
-    response = gen.sequences[:, P:]
+    if cfg.hf_generate:
+        gen = m.policy.generate(
+            **enc, do_sample=not greedy, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, synced_gpus=d.world > 1, return_dict_in_generate=True,
+            output_logits=sampling_logprobs, **sample,
+        )
+        response, logits = gen.sequences[:, P:], torch.stack(gen.logits, 1) if sampling_logprobs else None
+    else:  # every rank runs forwards until all are done (FSDP gathers weights in each)
+        response, logits = m.policy.sample(
+            enc["input_ids"], enc["attention_mask"], max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, greedy=greedy, keep_logits=sampling_logprobs,
+            all_done=(lambda done: d.sum(float(not done))[0] == 0) if d.world > 1 else (lambda done: done), **sample)
     if response.shape[1] == 0:
         raise RuntimeError("generate returned no new tokens")
     is_eos = response == tok.eos_token_id
@@ -124,7 +131,7 @@ def rollout(m: Models, prompts: list[Prompt], cfg: Config, d: Dist, greedy: bool
     completions = tok.batch_decode(torch.where(mask & ~is_eos, response, tok.pad_token_id), skip_special_tokens=True)
     logp_sample = None
     if sampling_logprobs:
-        logp_sample = reference.token_logprobs(torch.stack(gen.logits, 1), torch.where(mask, response, -100),
+        logp_sample = reference.token_logprobs(logits, torch.where(mask, response, -100),
                                                1.0 if greedy else cfg.temperature)
     return Rollout(torch.cat([enc["input_ids"], response], 1), attn, position_ids_from_mask(attn), P, response, mask,
                    texts, completions, logp_sample, [as_messages(p) for p in prompts])
