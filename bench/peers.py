@@ -36,8 +36,9 @@ How the settings map (TRL's ``GRPOConfig`` / ``train.run`` flags), read off TRL'
 - optimizer: AdamW, lr as the job's, weight decay 0, betas (0.9, 0.999), eps 1e-8, gradient clipping at norm
   1.0 on both; TRL's learning-rate schedule is set to ``constant`` (apa-fast has none). TRL's optimizer is
   transformers' default on torch >= 2.8 (``adamw_torch_fused``).
-- sampling: ``temperature`` 1, no top-k/top-p, HF ``generate`` with its KV cache on both (no vLLM here; on a
-  CUDA machine ``--trl-vllm`` would add TRL rows with ``use_vllm=True``, colocated; it needs vLLM installed).
+- sampling: ``temperature`` 1, no top-k/top-p, a KV cache on both: TRL through HF ``generate``, apa-fast through
+  its own loop (``train/sampling.py``, the same distribution; ``--hf-generate`` would use ``generate``). No vLLM
+  here; on a CUDA machine ``--trl-vllm`` would add TRL rows with ``use_vllm=True``, colocated (it needs vLLM).
 - the same model files, fp32 (TRL ``bf16=False``, ``model_init_kwargs`` dtype float32), SDPA attention on both,
   ``torch.set_num_threads(T)`` in both processes (and ``OMP_NUM_THREADS=T``), ``use_cpu=True`` on CPU, seed 0.
 
