@@ -177,8 +177,7 @@ def head_transform(lm: nn.Module) -> tuple[float, float | None]:
     was_training = lm.training
     lm.eval()
     logits = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
-    z = F.linear(_final_hidden(lm.base_model, ids, mask, pos), head.weight, head.bias).float()
-    ours = s * (z if cap is None else cap * torch.tanh(z / cap))
+    ours = head_logits(head, s, cap)(_final_hidden(lm.base_model, ids, mask, pos))
     lm.train(was_training)
     if not torch.allclose(logits, ours, rtol=1e-3, atol=1e-3 * max(1.0, float(ours.abs().max()))):
         raise LoadError(f"{type(lm).__name__} transforms its logits after the LM head in a way the fused log-probs "

@@ -120,8 +120,8 @@ def rollout(m: Models, prompts: list[Prompt], cfg: Config, d: Dist, greedy: bool
     else:  # every rank runs forwards until all are done (FSDP gathers weights in each)
         response, logits = m.policy.sample(
             enc["input_ids"], enc["attention_mask"], max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id, greedy=greedy, keep_logits=sampling_logprobs,
-            all_done=(lambda done: d.sum(float(not done))[0] == 0) if d.world > 1 else (lambda done: done), **sample)
+            pad_token_id=tok.pad_token_id, greedy=greedy, keep_logits=sampling_logprobs, **sample,
+            **({"all_done": lambda done: d.sum(float(not done))[0] == 0} if d.world > 1 else {}))
     if response.shape[1] == 0:
         raise RuntimeError("generate returned no new tokens")
     is_eos = response == tok.eos_token_id
