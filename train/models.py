@@ -254,11 +254,6 @@ def add_lora(model: nn.Module, cfg, causal_lm: bool) -> nn.Module:
         return get_peft_model(model, lc)
 
 
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """Positions count valid tokens only (left padding), as ``generate`` computes them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def shard(model: nn.Module, mesh, mp_policy=None) -> nn.Module:
     """FSDP2, torchtitan style: ``fully_shard`` each transformer block, then the root (which keeps the
     embeddings, the final norm and the heads); a policy's ``generate`` and ``sample`` gather like its forward."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .models import position_ids_from_mask
+from .sampling import position_ids_from_mask
 
 DATA_DIR = Path(__file__).parent / "data"
 CHARS = list("0123456789+=")
@@ -183,7 +183,8 @@ def arith_reward(prompts: list[str], completions: list[str], **_) -> list[float]
 class ProxyRecipe:
     """A GPT-J sequence classifier, initialised from the warmed-up policy (as reward models start from the SFT
     model), trained on ``samples`` completions of the warmed-up policy per training prompt, labelled by the
-    exact-sum checker, plus each prompt's right sum once (a demonstration). From so few labels it learns the answers the initial policy tends to give, not the rule:
+    exact-sum checker, plus each prompt's right sum once (a demonstration). From so few labels it learns the
+    answers the initial policy tends to give, not the rule:
     it ranks fresh samples of that policy well and answers it never saw poorly, the gap that RL can exploit
     (Gao et al. 2022)."""
 

@@ -35,7 +35,8 @@ from .dist import Dist, setup_dist
 from .errors import LoadError
 from .loading import Prompt, as_messages, check_chat_prompts, check_model_source, load_prompts, load_tokenizer, render_prompt
 from .metrics import MetricsLog, peak_rss_gb, plot_runs, read_metrics
-from .models import Models, TokenScores, build_models, position_ids_from_mask
+from .models import Models, TokenScores, build_models
+from .sampling import position_ids_from_mask
 from .offline import DATA_DIR, build_tokenizer
 from .rewards import RewardScaler
 

@@ -19,6 +19,11 @@ from torch import Tensor
 import torch.nn.functional as F
 
 
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions count valid tokens only (left padding), as ``generate`` computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def filter_logits(z: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """Top-k, then nucleus filtering of (B, V) logits: removed entries become -inf. Top-p keeps the most likely
     tokens while the mass strictly above each is below ``top_p`` (at least one), as transformers' warper."""
@@ -55,7 +60,7 @@ def sample(body: torch.nn.Module, logits: Callable[[Tensor], Tensor], input_ids:
     the same number of forwards under FSDP); one process stops when its rows are.
     """
     mask = attention_mask.long()
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos = position_ids_from_mask(mask)
     ids, past, tokens, kept = input_ids, None, [], []
     done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
     # transformers >= 5.2x names the KV cache ``cache`` (``past_key_values`` before, deprecated now)
