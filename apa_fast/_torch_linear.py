@@ -183,21 +183,37 @@ def token_bwd(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ls
 
 
 def loss_fwd(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tau: float, loss: "TokenLoss",
-             need: tuple[bool, bool, bool], softcap: float | None = None):
-    """(L, grads | None) of a ``TokenLoss`` over the rows' log-probs, the gradients (for an upstream
-    gradient of 1) formed chunk by chunk in the same pass: logits -> softmax -> dz -> two matmuls."""
+             need: tuple[bool, bool, bool], softcap: float | None = None, scores: bool = False):
+    """(L, grads | None, (logp, entropy) | None) of a ``TokenLoss`` over the rows' log-probs, the gradients (for an
+    upstream gradient of 1) formed chunk by chunk in the same pass: logits -> softmax -> dz -> two matmuls. With
+    ``scores`` also each row's log-prob and entropy ``lse - sum(p * u)`` (the softmax then goes to a scratch of
+    its own, so that u survives it)."""
     ch = _Chunks(h, weight, bias, tau, softcap)
     total = torch.zeros((), dtype=ch.acc, device=h.device)
     want = any(need)
     gh, gw, gb = _grad_buffers(h, weight, bias, need) if want else (None, None, None)
+    N = h.shape[0]
+    logp_all = torch.empty(N, dtype=ch.acc, device=h.device) if scores else None
+    ent_all = torch.empty_like(logp_all) if scores else None
     for sl in ch:
         u = ch.logits(sl, keep_tanh=want)
+        r = u.shape[0]
         idx = labels[sl].unsqueeze(1)
         if not want:
-            total += loss.part(logp_rows(u, idx, ch.out(u), None)[0], sl)
+            lp, _, e = logp_rows(u, idx, ch.out(u), ch.scratch(2, r) if scores else None)
+            if scores:
+                logp_all[sl], ent_all[sl] = lp, e
+            total += loss.part(lp, sl)
             continue
         uy = u.gather(1, idx).squeeze(1)
-        p = torch.softmax(u, -1, out=ch.out(u))
-        total += loss_grad_rows(p, idx, uy, ch.u_again(sl), loss, sl, tau)
+        lp = None
+        if scores:
+            p = torch.softmax(u, -1, out=ch.scratch(1, r))
+            lp = logp_from_p(p, idx, uy, ch.u_again(sl))
+            logp_all[sl] = lp
+            ent_all[sl] = (uy - lp) - torch.linalg.vecdot(p, u)
+        else:
+            p = torch.softmax(u, -1, out=ch.out(u))
+        total += loss_grad_rows(p, idx, uy, ch.u_again(sl), loss, sl, tau, lp)
         _accumulate(ch.cap_grad(p), h, weight, sl, gh, gw, gb)
-    return total, (_finish(gh, gw, gb, weight, bias) if want else None)
+    return total, (_finish(gh, gw, gb, weight, bias) if want else None), ((logp_all, ent_all) if scores else None)

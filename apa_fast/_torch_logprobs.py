@@ -133,10 +133,12 @@ class Scratch:
         return self._bufs[i][:r]
 
 
-def loss_grad_rows(p: Tensor, idx: Tensor, uy: Tensor, u_again, loss: "TokenLoss", sl: slice, tau: float) -> Tensor:
+def loss_grad_rows(p: Tensor, idx: Tensor, uy: Tensor, u_again, loss: "TokenLoss", sl: slice, tau: float,
+                   logp: Tensor | None = None) -> Tensor:
     """Softmax rows ``p`` -> this chunk's part of the loss, and ``p <- dL/du`` in place: the fused step both
-    backends share (``u_again``: see ``logp_from_p``)."""
-    logp = logp_from_p(p, idx, uy, u_again)
+    backends share (``u_again``: see ``logp_from_p``; ``logp``: the rows' log-probs when already known)."""
+    if logp is None:
+        logp = logp_from_p(p, idx, uy, u_again)
     part, dlogp = loss.value_and_grad(logp, sl)
     softmax_grad_rows(p, idx, (dlogp / tau).unsqueeze(-1))
     return part

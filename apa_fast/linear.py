@@ -78,17 +78,22 @@ class _LinearTokenLogprobs(torch.autograd.Function):
 
 
 class _LinearFusedLoss(torch.autograd.Function):
-    """A scalar ``TokenLoss`` of the log-probs whose (hidden, weight, bias) gradients are formed in forward."""
+    """A scalar ``TokenLoss`` of the log-probs whose (hidden, weight, bias) gradients are formed in forward;
+    with ``scores`` also the rows' log-probs and entropy (no gradient)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, labels, tau, loss, ops):  # type: ignore[override]
-        value, grads = ops.loss_fwd(h, weight, bias, labels, tau, loss, tuple(ctx.needs_input_grad[:3]))
+    def forward(ctx, h, weight, bias, labels, tau, loss, ops, scores):  # type: ignore[override]
+        value, grads, sc = ops.loss_fwd(h, weight, bias, labels, tau, loss, tuple(ctx.needs_input_grad[:3]),
+                                        scores=scores)
         ctx.save_for_backward(*(grads or (None, None, None)))
+        if scores:
+            ctx.mark_non_differentiable(*sc)
+            return value, *sc
         return value
 
     @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        return (*(rescale(x, g) for x in ctx.saved_tensors), None, None, None, None)
+    def backward(ctx, g, *_):  # type: ignore[override]
+        return (*(rescale(x, g) for x in ctx.saved_tensors), None, None, None, None, None)
 
 
 def _valid_rows(hidden: Tensor, labels: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -155,13 +160,16 @@ def linear_token_logprobs(
 
 
 def linear_token_loss(hidden: Tensor, weight: Tensor, labels: Tensor, loss: TokenLoss, *, bias: Tensor | None = None,
-                      temperature: float = 1.0, backend: str = "auto", softcap: float | None = None) -> Tensor:
+                      temperature: float = 1.0, backend: str = "auto", softcap: float | None = None,
+                      return_scores: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """``token_loss(hidden @ weight.T + bias, labels, loss)`` without building the logits.
 
     ``L = sum_i m_i l(logp_i) / n`` with ``loss`` from ``apa_fast.losses`` (its tensors and mask shaped
     like ``labels``). The ``torch`` backend forms the gradients of hidden, weight and bias in the forward
     pass; ``triton`` composes ``linear_token_logprobs`` with the loss. Masked rows are not multiplied by
-    the head at all. ``softcap``: as in ``linear_token_logprobs``.
+    the head at all. ``softcap``: as in ``linear_token_logprobs``. ``return_scores``: ``(L, logp, H)`` with the
+    log-probs and entropies of that same pass, detached, shaped like ``labels`` and 0 where masked (what an
+    on-policy step records as its behaviour policy's, with no second pass over the head).
     """
     V, _ = _check_linear(hidden, weight, labels, bias)
     lead = hidden.shape[:-1]
@@ -173,16 +181,27 @@ def linear_token_loss(hidden: Tensor, weight: Tensor, labels: Tensor, loss: Toke
     valid = loss.mask
     C.check_label_range(labels, V, None, valid=valid)
     if name == "reference":
-        lp = reference.linear_token_logprobs(hidden, weight, torch.where(valid, labels, -100), bias, tau,
-                                             softcap=softcap)
-        return loss.cast(lp.dtype)(lp)
+        out = reference.linear_token_logprobs(hidden, weight, torch.where(valid, labels, -100), bias, tau,
+                                              return_entropy=return_scores, softcap=softcap)
+        lp, ent = out if return_scores else (out, None)
+        value = loss.cast(lp.dtype)(lp)
+        return (value, lp.detach(), torch.where(valid, ent, 0.0).detach()) if return_scores else value
     ops = _dispatch.linear_ops(name, softcap)
     acc = C.out_dtype(hidden)
+    N = labels.numel()
     h, y, idx = _valid_rows(hidden, labels, valid)
     rows = loss.flat(idx).cast(acc)
     if ops.loss_fwd is None:
-        return rows(_LinearTokenLogprobs.apply(h, weight, bias, y, tau, False, ops))
-    return _LinearFusedLoss.apply(h, weight, bias, y, tau, rows, ops)
+        out = _LinearTokenLogprobs.apply(h, weight, bias, y, tau, bool(return_scores), ops)
+        if not return_scores:
+            return rows(out)
+        lp, ent = out
+        value = rows(lp)
+    elif return_scores:
+        value, lp, ent = _LinearFusedLoss.apply(h, weight, bias, y, tau, rows, ops, True)
+    else:
+        return _LinearFusedLoss.apply(h, weight, bias, y, tau, rows, ops, False)
+    return value, _scatter(lp.detach(), idx, N).view(lead), _scatter(ent.detach(), idx, N).view(lead)
 
 
 def linear_apa_loss(

@@ -74,7 +74,9 @@ class TokenLoss:
 
     ``aux`` tensors share the mask's shape; they are detached (no gradient flows to advantages or
     targets) and zeroed where the mask is 0. ``mask`` None means every token counts (the fused linear
-    ops drop masked rows before they get here, and pass ``n`` over the original mask).
+    ops drop masked rows before they get here, and pass ``n`` over the original mask). ``own`` names
+    arguments of ``fn`` that take the variable itself, detached: on-policy, the behaviour policy's
+    log-probs are the ones being differentiated (PPO's ratio is then 1 in value, with gradient ``r * dlogp``).
     """
 
     fn: Callable[..., Tensor]
@@ -82,6 +84,7 @@ class TokenLoss:
     consts: dict = field(default_factory=dict)
     mask: Tensor | None = None
     n: Tensor | float | None = None
+    own: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         m = self.mask
@@ -94,6 +97,7 @@ class TokenLoss:
         aux = {k: v[sl] for k, v in self.aux.items()}
         if self.mask is not None:  # masked positions of x too: a NaN there must not reach the gradient
             x = torch.where(self.mask[sl], x, 0.0)
+        aux.update({k: x.detach() for k in self.own})
         l = self.fn(x, **aux, **self.consts)
         if self.mask is not None:
             l = torch.where(self.mask[sl], l, 0.0)
@@ -107,10 +111,11 @@ class TokenLoss:
         """The same loss over flat tokens (``rows``: keep only these, as the linear ops do), in ``acc``."""
         pick = (lambda v: v.reshape(-1)) if rows is None else (lambda v: v.reshape(-1).index_select(0, rows))
         mask = None if self.mask is None or rows is not None else self.mask.reshape(-1)
-        return TokenLoss(self.fn, {k: pick(v) for k, v in self.aux.items()}, self.consts, mask, self.n)
+        return TokenLoss(self.fn, {k: pick(v) for k, v in self.aux.items()}, self.consts, mask, self.n, self.own)
 
     def cast(self, dtype: torch.dtype) -> "TokenLoss":
-        return TokenLoss(self.fn, {k: v.to(dtype) for k, v in self.aux.items()}, self.consts, self.mask, self.n)
+        return TokenLoss(self.fn, {k: v.to(dtype) for k, v in self.aux.items()}, self.consts, self.mask, self.n,
+                         self.own)
 
     def value_and_grad(self, x: Tensor, sl: slice) -> tuple[Tensor, Tensor]:
         """``(L over rows sl, dL/dx for those rows)``: what a fused op needs to finish a chunk's gradient."""
@@ -150,16 +155,23 @@ def apa_token_loss(ref_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, la
     return TokenLoss(apa, {"ref_logprobs": ref_logprobs, "advantages": advantages}, {"lam": C.check_positive("lam", lam)}, m)
 
 
-def ppo_token_loss(old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip: float = 0.2) -> TokenLoss:
-    """Clipped PPO: ``L = sum(m * max(-A*r, -A*clip(r, 1-eps, 1+eps))) / n``, ``r = exp(logp - logp_old)``."""
+def _old(old_logprobs: Tensor | None) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+    """``old_logprobs`` as an aux tensor, or (None: on-policy) as the log-probs being differentiated."""
+    return ({}, ("old_logprobs",)) if old_logprobs is None else ({"old_logprobs": old_logprobs}, ())
+
+
+def ppo_token_loss(old_logprobs: Tensor | None, advantages: Tensor, mask: Tensor, *, clip: float = 0.2) -> TokenLoss:
+    """Clipped PPO: ``L = sum(m * max(-A*r, -A*clip(r, 1-eps, 1+eps))) / n``, ``r = exp(logp - logp_old)``;
+    ``old_logprobs`` None: on-policy, ``logp_old`` is ``logp`` itself (detached)."""
     m = check_tokens(mask, old_logprobs=old_logprobs, advantages=advantages)
-    return TokenLoss(ppo, {"old_logprobs": old_logprobs, "advantages": advantages}, {"clip": C.check_positive("clip", clip)}, m)
+    old, own = _old(old_logprobs)
+    return TokenLoss(ppo, {**old, "advantages": advantages}, {"clip": C.check_positive("clip", clip)}, m, own=own)
 
 
-def grpo_token_loss(old_logprobs: Tensor, ref_logprobs: Tensor | None, advantages: Tensor, mask: Tensor, *,
+def grpo_token_loss(old_logprobs: Tensor | None, ref_logprobs: Tensor | None, advantages: Tensor, mask: Tensor, *,
                     clip: float = 0.2, beta: float = 0.04) -> TokenLoss:
     """GRPO: ``L = sum(m * [max(-A*r, -A*clip(r, 1-eps, 1+eps)) + beta * k3]) / n``; ``beta = 0`` needs no
-    ``ref_logprobs`` (pass None: the initial policy need not run)."""
+    ``ref_logprobs`` (pass None: the initial policy need not run); ``old_logprobs`` None: on-policy, as PPO's."""
     beta = float(beta)
     if not math.isfinite(beta) or beta < 0:
         raise ValueError(f"beta must be a finite number >= 0, got {beta}")
@@ -167,8 +179,9 @@ def grpo_token_loss(old_logprobs: Tensor, ref_logprobs: Tensor | None, advantage
         raise ValueError("grpo: beta > 0 needs ref_logprobs (the initial policy's log-probs)")
     ref = ref_logprobs if beta > 0 else None
     m = check_tokens(mask, old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref)
-    aux = {"old_logprobs": old_logprobs, "advantages": advantages, **({"ref_logprobs": ref} if ref is not None else {})}
-    return TokenLoss(grpo, aux, {"clip": C.check_positive("clip", clip), "beta": beta}, m)
+    old, own = _old(old_logprobs)
+    aux = {**old, "advantages": advantages, **({"ref_logprobs": ref} if ref is not None else {})}
+    return TokenLoss(grpo, aux, {"clip": C.check_positive("clip", clip), "beta": beta}, m, own=own)
 
 
 def awr_weights(advantages: Tensor, m: Tensor, lam: float, max_weight: float | None) -> Tensor:

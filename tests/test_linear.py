@@ -123,6 +123,48 @@ def test_apa_loss_fp32_matches_reference(backend, lead, H, V, bias, tau, lam, sc
     assert torch.all(grads[0][~m] == 0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("tau,cap", [(1.0, None), (0.7, 2.0)])
+def test_loss_with_scores_is_one_pass_of_loss_and_logprobs(backend, tau, cap, request):
+    """``return_scores``: the same loss and gradients as without, plus the log-probs and entropies of
+    ``linear_token_logprobs`` (0 where masked). On-policy GRPO (``old_logprobs`` None: the pass's own log-probs)
+    equals GRPO with those log-probs passed in, in value and gradient: the ratio is 1, its gradient dlogp."""
+    if backend == "torch":  # several chunks of rows, each with its own scores
+        request.getfixturevalue("small_chunks")
+    lead, H, V = (4, 7), 32, 257
+    h, w, b, y = _make(lead, H, V, True, ignore_frac=0)
+    ref_lp, adv, m = apa_targets(lead, seed=7)
+    y = torch.where(m, y, -7)
+    h, w, b = (x.float() for x in (h, w, b))
+    kw = dict(bias=b, temperature=tau, backend=backend, softcap=cap)
+    lp_want, ent_want = apa_fast.linear_token_logprobs(h, w, torch.where(m, y, -100), return_entropy=True, **kw)
+
+    def run(loss, scores):
+        hh, ww = _leaf(h, torch.float32), _leaf(w, torch.float32)
+        out = apa_fast.linear_token_loss(hh, ww, y, loss, return_scores=scores, **{**kw, "bias": b})
+        (out[0] if scores else out).backward()
+        return out, (hh.grad, ww.grad)
+
+    base = apa_fast.losses.apa_token_loss(ref_lp.float(), adv.float(), m, lam=0.5)
+    (value, lp, ent), grads = run(base, True)
+    value0, grads0 = run(base, False)
+    assert not lp.requires_grad and not ent.requires_grad and lp.shape == lead
+    torch.testing.assert_close(value, value0, atol=0, rtol=1e-6)
+    for a, r in zip(grads, grads0):
+        torch.testing.assert_close(a, r, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lp, lp_want, atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(ent, ent_want, atol=FP32_ATOL, rtol=0)
+    assert torch.all(lp[~m] == 0) and torch.all(ent[~m] == 0)
+    on = apa_fast.losses.grpo_token_loss(None, ref_lp.float(), adv.float(), m, clip=0.2, beta=0.1)
+    off = apa_fast.losses.grpo_token_loss(lp, ref_lp.float(), adv.float(), m, clip=0.2, beta=0.1)
+    (v_on, lp_on, _), g_on = run(on, True)
+    v_off, g_off = run(off, False)
+    torch.testing.assert_close(lp_on, lp, atol=0, rtol=0)
+    torch.testing.assert_close(v_on, v_off, atol=1e-6, rtol=1e-5)
+    for a, r in zip(g_on, g_off):
+        torch.testing.assert_close(a, r, atol=1e-6, rtol=1e-5)
+
+
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force many token chunks in the torch backend (a few rows each)."""

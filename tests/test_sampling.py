@@ -76,3 +76,35 @@ def test_min_new_tokens_suppresses_eos(tiny):
     toks, _ = sample(lm.base_model, head, ids, torch.ones_like(ids), max_new_tokens=4, eos_token_id=eos,
                      pad_token_id=0, min_new_tokens=3)
     assert not (toks[:, :3] == eos).any() and (toks[:, 3] == eos).any()
+
+
+@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("gptj", None), ("mistral", {"sliding_window": 4}),
+                                              ("gemma2", {"sliding_window": 4, "head_dim": 16})])
+def test_preallocated_cache_gives_the_default_caches_logits(tmp_path, monkeypatch, model_type, extra):
+    """The sampler's preallocated KV cache (written in place, no concatenation) is used for models whose cache is
+    all plain layers, and keeps the logits of the model's own cache; models with sliding-window layers get their
+    own cache (the preallocated one would attend past the window)."""
+    import train.sampling as S
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train_fixtures import make_tiny_hf_model
+
+    path = make_tiny_model(tmp_path / "m") if extra is None else make_tiny_hf_model(tmp_path / "m", model_type, **extra)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    attn = "eager" if model_type == "gemma2" else "sdpa"  # Gemma 2 has no SDPA path
+    lm = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn).eval()
+    enc = tok(["1+2=", "13+4=", "7+18=", "9="], padding=True, return_tensors="pt")
+    cache = S.preallocated_cache(lm.config, 20)
+    assert (cache is None) == (model_type in ("mistral", "gemma2")), cache
+    runs = []
+    for own in (False, True):
+        if own:
+            monkeypatch.setattr(S, "preallocated_cache", lambda *a: None)
+        torch.manual_seed(3)
+        runs.append(sample(lm.base_model, head_logits(lm.get_output_embeddings(), 1.0, None), enc["input_ids"],
+                           enc["attention_mask"], max_new_tokens=8, min_new_tokens=8, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id, keep_logits=True))
+    (t1, z1), (t2, z2) = runs
+    assert torch.equal(t1, t2)
+    torch.testing.assert_close(z1, z2, atol=1e-5, rtol=0)
