@@ -29,13 +29,17 @@ How the settings map (TRL's ``GRPOConfig`` / ``train.run`` flags), read off TRL'
   a separate no-grad forward, as apa-fast does with more than one step per epoch.
 - loss: the clipped surrogate (``epsilon`` 0.2 = ``--ppo-clip``) + ``beta`` x k3 to the initial policy
   (``beta`` = ``--kl-loss-coef`` 0.04: both load a frozen reference model), token mean over the step's tokens
-  (TRL ``loss_type="dapo"`` with one micro-batch per step = apa-fast's global token mean). TRL's
+  (TRL ``loss_type="dapo"`` with one micro-batch per step = apa-fast's global token mean, which its micro-batches
+  keep: each is scaled by its share of the step's tokens). TRL's
   ``use_bias_correction_kl`` (on by default since 1.x: the KL term times the importance ratio) is turned off so
   that both compute DeepSeekMath's k3 term. Advantages: ``(s - mean) / std`` within each group (TRL
   ``scale_rewards="group"``, std + 1e-4; apa-fast std + 1e-6).
 - optimizer: AdamW, lr as the job's, weight decay 0, betas (0.9, 0.999), eps 1e-8, gradient clipping at norm
-  1.0 on both; TRL's learning-rate schedule is set to ``constant`` (apa-fast has none). TRL's optimizer is
-  transformers' default on torch >= 2.8 (``adamw_torch_fused``).
+  1.0 on both; a constant learning rate on both (``lr_scheduler_type="constant"``, ``--lr-schedule constant``).
+  TRL's optimizer is transformers' default on torch >= 2.8 (``adamw_torch_fused``).
+- memory: each trainer's own default, neither changed: TRL's ``gradient_checkpointing=True`` (``GRPOConfig``'s
+  default: the forward recomputed in backward) and apa-fast's ``--micro-batch-tokens`` (1,024 tokens per forward on
+  CPU: job b's 32 sequences in 3 micro-batches, the same step).
 - sampling: ``temperature`` 1, no top-k/top-p, a KV cache on both: TRL through HF ``generate``, apa-fast through
   its own loop (``train/sampling.py``, the same distribution; ``--hf-generate`` would use ``generate``). No vLLM
   here; on a CUDA machine ``--trl-vllm`` would add TRL rows with ``use_vllm=True``, colocated (it needs vLLM).
@@ -152,7 +156,7 @@ def run_apa(job: Job, steps: int, threads: int, algo: str | None = None) -> dict
     flags = bt.offline_task_flags(model_dir(job)) + [
         "--algo", algo, "--samples-per-prompt", str(job.samples), "--batch-size", str(job.prompts),
         "--minibatch-size", str(job.minibatch), "--epochs", str(job.epochs), "--lr", str(job.lr),
-        "--max-new-tokens", str(job.max_new_tokens), "--min-new-tokens", str(job.min_new_tokens),
+        "--lr-schedule", "constant", "--max-new-tokens", str(job.max_new_tokens), "--min-new-tokens", str(job.min_new_tokens),
         "--threads", str(threads), "--precision", "fp32", "--attn", "sdpa", "--temperature", "1.0",
         "--save-every", "0", "--weight-decay", "0", "--max-grad-norm", "1.0", "--seed", "0"]
     if algo == "grpo":

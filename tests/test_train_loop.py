@@ -120,6 +120,36 @@ def test_on_policy_step_equals_a_separate_behaviour_pass(tiny, tmp_path, monkeyp
         assert m1[k] == pytest.approx(m2[k], rel=1e-5, abs=1e-6), k
 
 
+@pytest.mark.parametrize("extra", [("--critic", "separate"), ("--critic", "shared"),
+                                   ("--algo", "grpo", "--advantage", "group", "--samples-per-prompt", "2",
+                                    "--kl-loss-coef", "0.1", "--reward-model", "train_fixtures:parity_reward")],
+                         ids=["apa-separate-critic", "apa-shared-critic", "grpo-on-policy"])
+def test_micro_batches_give_the_same_step(tiny, tmp_path, extra):
+    """Gradient accumulation over micro-batches of --micro-batch-tokens: the same parameters (policy and critic),
+    losses and, on-policy, the same behaviour log-probs and entropy as one pass over each minibatch."""
+    extra = (*extra, "--batch-size", "4", "--minibatch-size", "4", "--epochs", "2", "--lr", "1e-2", "--max-grad-norm", "0")
+    got = {}
+    for tokens in (0, 1):  # one pass; one sequence per micro-batch (any budget below one sequence's length)
+        cfg, d, m = _models(tiny, tmp_path, *extra, "--micro-batch-tokens", str(tokens))
+        n = 4 * cfg.samples_per_prompt
+        prompts = [q for q in R.load_prompts(cfg.dataset, "train", "prompt")[:4] for _ in range(cfg.samples_per_prompt)]
+        torch.manual_seed(5)
+        b = experience(m, cfg, d, prompts)[1]
+        assert b.input_ids.shape[0] == n
+        params = [p for mod in (m.policy, m.critic) if mod is not None for p in mod.parameters() if p.requires_grad]
+        init = torch.cat([p.detach().flatten() for p in params])
+        opt = torch.optim.SGD(params, lr=cfg.lr)
+        stats = R.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(0))
+        got[tokens] = (torch.cat([p.detach().flatten() for p in params]), stats, b.logp_old, b.entropy)
+    (p1, s1, lp1, e1), (p2, s2, lp2, e2) = got[0], got[1]
+    step = float((p1 - init).abs().max())
+    assert step > 1e-3 and float((p1 - p2).abs().max()) <= 1e-5 * step
+    for k in ("loss", "policy_loss", "value_loss"):
+        assert s1[k] == pytest.approx(s2[k], rel=1e-5, abs=1e-7), k
+    torch.testing.assert_close(lp1, lp2, atol=1e-6, rtol=0)
+    torch.testing.assert_close(e1, e2, atol=1e-6, rtol=0)
+
+
 def test_nan_rewards_are_reported_and_left_out(tiny, tmp_path, capsys):
     cfg, d, m = _models(tiny, tmp_path, "--reward-model", "train_fixtures:nan_reward")
     prompts = R.load_prompts(cfg.dataset, "train", "prompt")[:8]
@@ -134,8 +164,9 @@ def test_nan_rewards_are_reported_and_left_out(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra", [(), ("--algo", "grpo", "--samples-per-prompt", "2", "--kl-loss-coef", "0.1",
-                                         "--reward-model", "train_fixtures:parity_reward")],
-                         ids=["apa-gae", "grpo-groups"])
+                                         "--reward-model", "train_fixtures:parity_reward"),
+                                   ("--micro-batch-tokens", "1")],
+                         ids=["apa-gae", "grpo-groups", "apa-gae-micro-batches"])
 def test_one_to_two_ranks_same_parameters(tiny, tmp_path, extra):
     outs = {}
     for n in (1, 2):

@@ -49,6 +49,10 @@ class Config:
     batch_size: int = _f(-1, "prompts per iteration, global over all ranks; -1: the preset's")
     minibatch_size: int = _f(-1, "sequences per gradient step, global over all ranks; -1: the preset's")
     epochs: int = _f(-1, "passes over each rollout batch; -1: the preset's")
+    micro_batch_tokens: int = _f(-1, "each gradient step's forward/backward runs on micro-batches of at most this many "
+                                 "(padded) tokens per process, accumulating gradients (the same step up to float "
+                                 "rounding): activation memory is bounded by it, not by the minibatch; 0: one pass; "
+                                 "-1: 1,024 on CPU, 16,384 on a GPU")
     samples_per_prompt: int = _f(1, "responses sampled per prompt (a group); --batch-size and --minibatch-size stay "
                                  "counts of prompts")
     advantage: str = _f("", "gae (a critic and GAE: the paper's) or group (each sample's score against its group's: "
@@ -60,6 +64,10 @@ class Config:
                             "off by default: they are already on one scale per group (GRPO, RLOO do not)")
     # optimisation
     lr: float = _f(-1.0, "learning rate (AdamW) of policy and critic; -1: the preset's (paper: 1e-6)")
+    lr_schedule: str = _f("", "learning rate over the run's iterations: constant, linear (to 0 at the last, TRL's "
+                          "default) or cosine (to 0); after --warmup-steps of linear warm-up; '': the preset's",
+                          choices=["", "constant", "linear", "cosine"])
+    warmup_steps: int = _f(0, "iterations of linear learning-rate warm-up from lr / (N + 1)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping by global norm (0: off)")
     lam: float = _f(-1.0, "APA's lambda (paper: 0.1) or AWR's temperature lambda; -1: the algorithm's/preset's")
@@ -135,18 +143,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "offline": dict(
         reward_model="train.offline:arith_reward",
         dataset=None,  # the shipped train/data/arith_prompts.jsonl
-        steps=1200, batch_size=64, minibatch_size=32, epochs=2, lr=3e-4, lam=0.1, reward_scale="none",
+        steps=1200, batch_size=64, minibatch_size=32, epochs=2, lr=3e-4, lr_schedule="linear", lam=0.1, reward_scale="none",
         max_new_tokens=4, max_prompt_len=16, unfrozen_layers=-1, save_every=100, eval_every=200, threads=1,
     ),
     "gptj": dict(
         model="Dahoas/gptj-sft-static",
         reward_model="Dahoas/gptj-rm-static",
         dataset="Dahoas/rm-static",
-        steps=500, batch_size=64, minibatch_size=8, epochs=1, lr=1e-6, lam=0.1, reward_scale="running",
+        steps=500, batch_size=64, minibatch_size=8, epochs=1, lr=1e-6, lr_schedule="constant", lam=0.1, reward_scale="running",
         max_new_tokens=128, max_prompt_len=512, unfrozen_layers=2, save_every=50, eval_every=25,
     ),
     "hf": dict(
-        steps=200, batch_size=32, minibatch_size=8, epochs=1, lr=1e-6, lam=0.1, reward_scale="running",
+        steps=200, batch_size=32, minibatch_size=8, epochs=1, lr=1e-6, lr_schedule="constant", lam=0.1, reward_scale="running",
         max_new_tokens=128, max_prompt_len=512, unfrozen_layers=2, save_every=50, eval_every=25,
     ),
 }

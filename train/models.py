@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,14 +75,13 @@ class Policy(nn.Module):
         return self.lm.get_base_model() if self.lora else self.lm
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, labels: Tensor, start: int, *,
-                loss: TokenLoss | Callable[[TokenScores], TokenLoss] | None = None, entropy: bool = False,
-                values: bool = False, temperature: float = 1.0, backend: str = "auto") -> TokenScores:
+                loss: TokenLoss | None = None, entropy: bool = False, values: bool = False, temperature: float = 1.0,
+                backend: str = "auto") -> TokenScores:
         """Score ``labels`` (B, R; -100 where not scored), predicted from positions ``start .. start+R-1``.
 
-        With ``loss`` (a per-token loss of the log-probs, ``apa_fast.losses``) returns that loss, fused;
-        otherwise the log-probs (and entropy). ``loss`` may instead build the loss from this forward's own
-        (detached) log-probs and entropy, which it then returns too: one body forward where an on-policy step
-        would otherwise need a separate no-grad pass for its behaviour log-probs. ``backend="eager"`` builds the
+        With ``loss`` (a per-token loss of the log-probs, ``apa_fast.losses``) returns that loss, fused, and with
+        ``entropy`` also this pass's (detached) log-probs and entropy: an on-policy step's behaviour log-probs
+        with no second pass over the head. Otherwise the log-probs (and entropy). ``backend="eager"`` builds the
         logits: the baseline."""
         lm = self.causal_lm
         h = _final_hidden(lm.base_model, input_ids, attention_mask, position_ids)[:, start : start + labels.shape[1]]
@@ -92,28 +90,21 @@ class Policy(nn.Module):
         w, b = head.weight, head.bias
         out = TokenScores(values=self.v_head(h) if values else None)
         cap = self.softcap
-        own = loss is not None and not isinstance(loss, TokenLoss)  # the loss needs this forward's log-probs
         if backend == "eager":
-            lp = reference.token_logprobs(F.linear(h, w, b), labels, temperature, return_entropy=entropy or own,
-                                          softcap=cap)
-            lp, out.entropy = lp if entropy or own else (lp, None)
+            lp = reference.token_logprobs(F.linear(h, w, b), labels, temperature, return_entropy=entropy, softcap=cap)
+            lp, out.entropy = lp if entropy else (lp, None)
             if loss is None:
                 out.logprobs = lp
             else:
-                if own:
-                    out.logprobs, out.entropy = lp.detach(), out.entropy.detach()
-                    loss = loss(out)
                 out.loss = loss(lp)
-            return out
-        if own:  # no gradient: only the head's matmul again, on the hidden states the loss below reuses
-            with torch.no_grad():
-                out.logprobs, out.entropy = apa_fast.linear_token_logprobs(
-                    h.detach(), w.detach(), labels, bias=None if b is None else b.detach(), temperature=temperature,
-                    return_entropy=True, backend=backend, softcap=cap)
-            loss = loss(out)
-        if loss is not None:
-            out.loss = apa_fast.linear_token_loss(h, w, labels, loss, bias=b, temperature=temperature, backend=backend,
-                                                  softcap=cap)
+                if entropy:
+                    out.logprobs, out.entropy = lp.detach(), out.entropy.detach()
+        elif loss is not None:
+            kw = dict(bias=b, temperature=temperature, backend=backend, softcap=cap)
+            if entropy:
+                out.loss, out.logprobs, out.entropy = apa_fast.linear_token_loss(h, w, labels, loss, return_scores=True, **kw)
+            else:
+                out.loss = apa_fast.linear_token_loss(h, w, labels, loss, **kw)
         else:
             lp = apa_fast.linear_token_logprobs(h, w, labels, bias=b, temperature=temperature,
                                                 return_entropy=entropy, backend=backend, softcap=cap)

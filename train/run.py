@@ -34,7 +34,7 @@ from .config import Config, parse_args, preset_name
 from .dist import Dist, setup_dist
 from .errors import LoadError
 from .loading import Prompt, as_messages, check_chat_prompts, check_model_source, load_prompts, load_tokenizer, render_prompt
-from .metrics import MetricsLog, peak_rss_gb, plot_runs, read_metrics
+from .metrics import MetricsLog, peak_rss_gb, plot_runs, read_metrics, release_freed_memory
 from .models import Models, TokenScores, build_models
 from .sampling import position_ids_from_mask
 from .offline import DATA_DIR, build_tokenizer
@@ -228,23 +228,37 @@ def token_loss(mb: Experience, cfg: Config) -> losses.TokenLoss:
 def policy_loss(m: Models, mb: Experience, cfg: Config) -> TokenScores:
     """The algorithm's loss on a minibatch (a masked mean over its local tokens, fused from hidden states)
     and the shared critic's values. Without behaviour log-probs yet (``on_policy``), this forward's own are
-    they: also returned, with their entropy."""
-    if mb.logp_old is None:
-        loss = lambda s: token_loss(dataclasses.replace(mb, logp_old=s.logprobs), cfg)  # noqa: E731
-    else:
-        loss = token_loss(mb, cfg)
-    return m.policy(*mb.forward_args(), loss=loss, values=cfg.critic == "shared", temperature=cfg.temperature,
-                    backend=cfg.kernel_backend)
+    they (``logp_old`` None: PPO's ratio is 1 with gradient dlogp), returned with their entropy."""
+    return m.policy(*mb.forward_args(), loss=token_loss(mb, cfg), entropy=mb.logp_old is None,
+                    values=cfg.critic == "shared", temperature=cfg.temperature, backend=cfg.kernel_backend)
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """The learning rate of iteration ``step`` (0-based): linear warm-up over ``warmup_steps``, then constant, or
+    linear or cosine decay that reaches 0 after the last iteration. A function of the step alone, so a resumed
+    run continues on the same curve."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    x = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)  # in [0, 1)
+    if cfg.lr_schedule == "linear":
+        return cfg.lr * (1.0 - x)
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * x))
+    return cfg.lr
 
 
 def update(m: Models, b: Experience, cfg: Config, d: Dist, opt: torch.optim.Optimizer, params: list,
            gen: torch.Generator) -> dict:
-    """Epochs x minibatches of (policy loss + vf_coef * value loss), normalised by the global token count."""
+    """Epochs x minibatches of (policy loss + vf_coef * value loss), normalised by the global token count; each
+    minibatch's gradient accumulated over micro-batches of at most ``--micro-batch-tokens`` tokens."""
     m.policy.train()
     if m.critic is not None:
         m.critic.train()
     B = b.input_ids.shape[0]
+    L = int(d.gather(torch.tensor([b.input_ids.shape[1]], device=d.device)).max())  # FSDP: one micro count on all ranks
     mb_size = cfg.minibatch_size * cfg.samples_per_prompt // d.world  # sequences per rank and gradient step
+    budget = cfg.micro_batch_tokens if cfg.micro_batch_tokens >= 0 else 1024 if d.device.type == "cpu" else 16384
+    micro = max(1, budget // L) if budget > 0 else mb_size  # sequences per micro-batch, at most
     sums = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0}
     n_total = 0.0  # valid tokens seen over all ranks and epochs
     for _ in range(cfg.epochs):
@@ -253,30 +267,40 @@ def update(m: Models, b: Experience, cfg: Config, d: Dist, opt: torch.optim.Opti
         counts = [float(b.mask[perm[i : i + mb_size]].sum()) for i in starts]
         global_counts = d.sum(*counts)  # one all-reduce per epoch for every minibatch's token count
         n_total += sum(global_counts)
-        for i, n_local, n_global in zip(starts, counts, global_counts):
+        for i, n_global in zip(starts, global_counts):
+            own = b.logp_old is None  # on-policy: this (only) step's log-probs are the behaviour policy's
+            kept: list[tuple[Tensor, Tensor, Tensor]] = []  # rows, their log-probs and entropy
             rows = perm[i : i + mb_size]
-            mb = b.rows(rows)
-            # each rank's loss is a mean over its own tokens; FSDP averages gradients over ranks, so this
-            # rescaling makes the update sum(token losses) / n_global, the same for any number of ranks
-            scale = n_local * d.world / n_global if n_global > 0 else 0.0
-            out = policy_loss(m, mb, cfg)
-            pg, values = out.loss, out.values
-            if b.logp_old is None:  # on-policy: this (only) minibatch's log-probs are the behaviour policy's
-                b.logp_old, b.entropy = (torch.empty_like(x).index_copy_(0, rows, x) for x in (out.logprobs, out.entropy))
-            vf = pg.new_zeros(())
-            if mb.returns is not None:  # a critic to train
-                if values is None:
-                    values = m.critic(*mb.forward_args())
-                clip = dict(old_values=mb.values, clip=cfg.value_clip) if cfg.algo == "ppo" else {}
-                vf = apa_fast.value_loss(values, mb.returns, mb.mask, **clip)
-            loss = pg + cfg.vf_coef * vf
-            (loss * scale).backward()
+            for j, part in enumerate(rows.tensor_split(-(-len(rows) // micro))):  # as few as fit, of even sizes
+                if j:  # the last micro-batch's activations, freed by its backward, would stay resident under these
+                    release_freed_memory()
+                mb = b.rows(part)
+                n_local = float(mb.mask.sum())
+                # each rank's loss is a mean over its own tokens; FSDP averages gradients over ranks, so this
+                # rescaling makes the update sum(token losses) / n_global, the same for any number of ranks
+                scale = n_local * d.world / n_global if n_global > 0 else 0.0
+                out = policy_loss(m, mb, cfg)
+                pg, values = out.loss, out.values
+                if own:
+                    kept.append((part, out.logprobs, out.entropy))
+                vf = pg.new_zeros(())
+                if mb.returns is not None:  # a critic to train
+                    if values is None:
+                        values = m.critic(*mb.forward_args())
+                    clip = dict(old_values=mb.values, clip=cfg.value_clip) if cfg.algo == "ppo" else {}
+                    vf = apa_fast.value_loss(values, mb.returns, mb.mask, **clip)
+                loss = pg + cfg.vf_coef * vf
+                (loss * scale).backward()
+                for k, v in (("loss", loss), ("policy_loss", pg), ("value_loss", vf)):
+                    sums[k] += float(v.detach()) * n_local
+            if own:  # back in row order: kept's rows are a permutation of all of them
+                done, lp, ent = (torch.cat(x) for x in zip(*kept))
+                order = done.argsort()
+                b.logp_old, b.entropy = lp[order], ent[order]
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            for k, v in (("loss", loss), ("policy_loss", pg), ("value_loss", vf)):
-                sums[k] += float(v.detach()) * n_local
     tot = d.sum(*sums.values())
     return {k: v / max(n_total, 1.0) for k, v in zip(sums, tot)}
 
@@ -395,6 +419,7 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
     while p.step < cfg.steps:
         t = [time.perf_counter()]  # phase boundaries: rollout | score | experience | update
         ro = rollout(m, [q for q in p.sampler.next() for _ in range(cfg.samples_per_prompt)], cfg, d)
+        release_freed_memory()  # the KV cache's pages, before the next phase's allocations pile on them
         t.append(time.perf_counter())
         scores = score(m.reward, ro, d, log)
         gold = None if m.gold is None else score(m.gold, ro, d, log, "--gold-reward")
@@ -407,7 +432,10 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
         beta = p.kl.beta if cfg.algo == "ppo" else cfg.kl_coef  # APA and AWR: no KL in the reward by default
         exp = make_experience(m, ro, scores, p.scaler(scores), cfg, beta, d)
         t.append(time.perf_counter())
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, p.step)
         stats = update(m, exp, cfg, d, opt, params, torch.Generator().manual_seed(cfg.seed * 7919 + p.step))
+        release_freed_memory()  # the update's activations and gradients
         t.append(time.perf_counter())
         row = {"step": p.step + 1, **iteration_metrics(exp, cfg, d), **stats}
         if gold is not None:  # the mean over the samples the gold reward could score (all ranks)
@@ -417,6 +445,7 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
         if cfg.algo == "ppo" and "kl" in row:
             p.kl.update(row["kl"], cfg.batch_size)
         row["beta"] = p.kl.beta if cfg.algo == "ppo" else cfg.kl_coef
+        row["lr"] = lr_at(cfg, p.step)
         for k, (a, b) in zip(("rollout", "score", "experience", "update"), zip(t, t[1:])):
             row[f"time_{k}"] = b - a
         row["time_checkpoint"] = t_ckpt  # the checkpoint written after the previous iteration (0: none)
@@ -571,6 +600,10 @@ def check_flags(cfg: Config, d: Dist) -> None:
         raise LoadError(f"--kl-target must be >= 0 (0: a fixed beta of --kl-init), got {cfg.kl_target}")
     if not cfg.kl_loss_coef >= 0:
         raise LoadError(f"--kl-loss-coef must be >= 0, got {cfg.kl_loss_coef}")
+    if not 0 <= cfg.warmup_steps < max(cfg.steps, 1):
+        raise LoadError(f"--warmup-steps must be in [0, --steps) = [0, {cfg.steps}), got {cfg.warmup_steps}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise LoadError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.lora_rank < 0:
         raise LoadError(f"--lora-rank must be >= 1 for LoRA (or 0: off, full fine-tuning), got {cfg.lora_rank}")
     if cfg.lora_rank > 0 and importlib.util.find_spec("peft") is None:

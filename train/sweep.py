@@ -229,7 +229,8 @@ def _die_with_parent() -> None:
 
 def run_cmd(arm: Arm, value: float, seed: int, steps: int, run_dir: Path, extra: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "train.run", *arm.flags, f"--{arm.knob.replace('_', '-')}", f"{value:g}",
-           "--lr", f"{arm.lr:g}", "--seed", str(seed), "--steps", str(steps), "--reward-model", "offline-proxy",
+           "--lr", f"{arm.lr:g}", "--lr-schedule", "constant",  # as the learning-rate search and the figures ran
+           "--seed", str(seed), "--steps", str(steps), "--reward-model", "offline-proxy",
            "--out", str(run_dir), "--no-plot", "--no-export", "--no-progress", "--no-tensorboard",
            "--eval-every", "0", *extra]
     if (run_dir / "checkpoints").exists():
