@@ -38,8 +38,9 @@ How the settings map (TRL's ``GRPOConfig`` / ``train.run`` flags), read off TRL'
   1.0 on both; a constant learning rate on both (``lr_scheduler_type="constant"``, ``--lr-schedule constant``).
   TRL's optimizer is transformers' default on torch >= 2.8 (``adamw_torch_fused``).
 - memory: each trainer's own default, neither changed: TRL's ``gradient_checkpointing=True`` (``GRPOConfig``'s
-  default: the forward recomputed in backward) and apa-fast's ``--micro-batch-tokens`` (1,024 tokens per forward on
-  CPU: job b's 32 sequences in 3 micro-batches, the same step).
+  default: the forward recomputed in backward) and apa-fast's ``--micro-batch-tokens`` (by default an estimated
+  0.5 GiB of activations per forward on CPU: job b's 32 sequences in 3 micro-batches, the same step; jobs a and c
+  in one).
 - sampling: ``temperature`` 1, no top-k/top-p, a KV cache on both: TRL through HF ``generate``, apa-fast through
   its own loop (``train/sampling.py``, the same distribution; ``--hf-generate`` would use ``generate``). No vLLM
   here; on a CUDA machine ``--trl-vllm`` would add TRL rows with ``use_vllm=True``, colocated (it needs vLLM).

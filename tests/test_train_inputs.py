@@ -262,9 +262,29 @@ def test_unfrozen_layers_trains_only_the_top_blocks(tmp_path):
     (("--critic", "none"), "--critic none needs --advantage group"),
     (("--advantage", "group", "--samples-per-prompt", "2", "--critic", "separate"), "--critic separate has nothing to learn"),
     (("--algo", "grpo", "--samples-per-prompt", "2", "--kl-loss-coef", "-1"), "--kl-loss-coef must be >= 0"),
+    (("--warmup-steps", "-1"), "--warmup-steps must be in [0, --steps)"),
+    (("--warmup-steps", "2", "--steps", "2"), "--warmup-steps must be in [0, --steps) = [0, 2), got 2"),
+    (("--lr", "0"), "--lr must be a positive number, got 0.0"),
+    (("--lr", "nan"), "--lr must be a positive number, got nan"),
 ])
 def test_group_flags_refused_in_one_line(tiny, tmp_path, capsys, flags, expect):
     assert expect in _main_error(tiny_args(tiny, tmp_path / "out", *flags), capsys)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_learning_rate_schedule(tiny, tmp_path, schedule):
+    """Warm-up to lr over N iterations, then constant or a decay that reaches 0 after the last iteration; a
+    function of the iteration alone, so a resumed run continues on the same curve."""
+    import math
+
+    cfg = cfg_for(tiny, tmp_path / "o", "--lr", "0.1", "--steps", "12", "--warmup-steps", "2", "--lr-schedule", schedule)
+    got = [R.lr_at(cfg, s) for s in range(12)]
+    assert got[:2] == pytest.approx([0.1 / 3, 0.2 / 3])
+    x = [(s - 2) / 10 for s in range(2, 12)]
+    want = {"constant": [0.1] * 10, "linear": [0.1 * (1 - v) for v in x],
+            "cosine": [0.05 * (1 + math.cos(math.pi * v)) for v in x]}[schedule]
+    assert got[2:] == pytest.approx(want)
+    assert got[2] == pytest.approx(0.1) and all(v > 0 for v in got)
 
 
 def test_a_batch_that_does_not_split_across_processes_is_refused(tiny, tmp_path):

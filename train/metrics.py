@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 from pathlib import Path
@@ -48,24 +49,36 @@ class MetricsLog:
             self.tb.close()
 
 
-def _libc_trim():
-    try:
-        import ctypes
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(k, ctypes.c_size_t) for k in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                 "uordblks", "fordblks", "keepcost")]
 
-        return ctypes.CDLL("libc.so.6").malloc_trim
+
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 (glibc only)
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
         return None
+    if hasattr(libc, "mallinfo2"):  # glibc >= 2.33
+        libc.mallinfo2.restype = _Mallinfo2
+    return libc
 
 
-_TRIM = _libc_trim()
+_LIBC = _libc()
+TRIM_ABOVE = 64 << 20  # free heap bytes worth a trim: below that the page faults of reusing them cost more
 
 
 def release_freed_memory() -> None:
-    """Give the heap pages that freed tensors leave behind back to the OS (glibc's ``malloc_trim``; a no-op
-    elsewhere). glibc keeps them resident, so a phase's freed activations or gradients would otherwise stay in
-    the RSS under the next phase's allocations; this costs only the page faults of touching them again."""
-    if _TRIM is not None:
-        _TRIM(0)
+    """Give the heap pages that freed tensors leave behind back to the OS (glibc's ``malloc_trim``, when more than
+    ``TRIM_ABOVE`` bytes of the heap are free; a no-op elsewhere). glibc keeps them resident, so a phase's freed
+    activations or gradients would otherwise stay in the RSS under the next phase's allocations; a trim costs the
+    page faults of touching them again."""
+    if _LIBC is None:
+        return
+    if hasattr(_LIBC, "mallinfo2") and _LIBC.mallinfo2().fordblks < TRIM_ABOVE:
+        return
+    _LIBC.malloc_trim(0)
 
 
 def peak_rss_gb() -> float:

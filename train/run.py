@@ -247,6 +247,17 @@ def lr_at(cfg: Config, step: int) -> float:
     return cfg.lr
 
 
+def micro_batch_tokens(cfg: Config, m: Models, d: Dist) -> int:
+    """``--micro-batch-tokens``; by default (-1) the tokens whose activations fit an estimated 0.5 GiB on CPU (8 GiB on
+    a GPU) at 64 bytes per token, layer and hidden unit (about what a fused Llama block keeps for backward), so a
+    small model takes its whole minibatch in one pass and a large one splits it."""
+    if cfg.micro_batch_tokens >= 0:
+        return cfg.micro_batch_tokens
+    tc = m.policy.config.get_text_config()
+    per_token = 64 * tc.num_hidden_layers * tc.hidden_size
+    return max(1, int((0.5 if d.device.type == "cpu" else 8.0) * 2**30 // per_token))
+
+
 def update(m: Models, b: Experience, cfg: Config, d: Dist, opt: torch.optim.Optimizer, params: list,
            gen: torch.Generator) -> dict:
     """Epochs x minibatches of (policy loss + vf_coef * value loss), normalised by the global token count; each
@@ -257,7 +268,7 @@ def update(m: Models, b: Experience, cfg: Config, d: Dist, opt: torch.optim.Opti
     B = b.input_ids.shape[0]
     L = int(d.gather(torch.tensor([b.input_ids.shape[1]], device=d.device)).max())  # FSDP: one micro count on all ranks
     mb_size = cfg.minibatch_size * cfg.samples_per_prompt // d.world  # sequences per rank and gradient step
-    budget = cfg.micro_batch_tokens if cfg.micro_batch_tokens >= 0 else 1024 if d.device.type == "cpu" else 16384
+    budget = micro_batch_tokens(cfg, m, d)
     micro = max(1, budget // L) if budget > 0 else mb_size  # sequences per micro-batch, at most
     sums = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0}
     n_total = 0.0  # valid tokens seen over all ranks and epochs

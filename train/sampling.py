@@ -11,6 +11,7 @@ policy's logit scale and soft-cap, ``models.head_transform``), so the sampler an
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Callable
 
@@ -28,36 +29,42 @@ def preallocated_cache(config, capacity: int):
     try:
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
-    except ImportError:
+        cache = DynamicCache(config=config)
+    except (ImportError, TypeError):  # no per-layer caches in this transformers
         return None
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(x) is not DynamicLayer for x in layers):
+        return None
+    cache.layers = [_preallocated_layer(DynamicLayer)(capacity) for _ in layers]
+    return cache
 
-    class Preallocated(DynamicLayer):
+
+@functools.cache
+def _preallocated_layer(base: type) -> type:
+    class Preallocated(base):
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity = capacity
+
         def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
             super().lazy_initialization(key_states, value_states)
             B, H, _, D = key_states.shape
-            self.buffers = (key_states.new_empty(B, H, capacity, D), value_states.new_empty(B, H, capacity, D))
+            cap = self.capacity
+            self.buffers = (key_states.new_empty(B, H, cap, D), value_states.new_empty(B, H, cap, D))
             self.length = 0
 
         def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             n, m = self.length, key_states.shape[-2]
-            if n + m > capacity:  # never in sample(); kept correct for any other caller
+            if n + m > self.capacity:  # never in sample(); kept correct for any other caller
                 return super().update(key_states, value_states, *args, **kwargs)
             (kb, vb), self.length = self.buffers, n + m
             kb[:, :, n : n + m], vb[:, :, n : n + m] = key_states, value_states
             self.keys, self.values = kb[:, :, : n + m], vb[:, :, : n + m]
             return self.keys, self.values
 
-    try:
-        cache = DynamicCache(config=config)
-    except TypeError:  # an older DynamicCache without per-config layers
-        return None
-    layers = getattr(cache, "layers", None)
-    if not layers or any(type(x) is not DynamicLayer for x in layers):
-        return None
-    cache.layers = [Preallocated() for _ in layers]
-    return cache
+    return Preallocated
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
