@@ -23,8 +23,8 @@ import torch.nn.functional as F
 def preallocated_cache(config, capacity: int):
     """A ``DynamicCache`` whose layers write each step's keys and values into buffers of ``capacity`` positions
     and attend over a view of the filled part, where ``DynamicLayer`` concatenates the whole cache with the new
-    step (re-copying all of it, every layer, every step: about a third of a 162M model's decoding step on this
-    CPU). None when the model's cache holds other kinds of layers (sliding windows, linear attention, ...) or this
+    step (re-copying all of it, every layer, every step: 31% of the profiled self time of a 162M model's decoding
+    on this CPU, about 8% of its wall time). None when the model's cache holds other kinds of layers (sliding windows, linear attention, ...) or this
     transformers has no such API: the model then builds its default cache."""
     try:
         from transformers import DynamicCache
@@ -35,13 +35,16 @@ def preallocated_cache(config, capacity: int):
     layers = getattr(cache, "layers", None)
     if not layers or any(type(x) is not DynamicLayer for x in layers):
         return None
-    cache.layers = [_preallocated_layer(DynamicLayer)(capacity) for _ in layers]
+    cache.layers = [_preallocated_layer()(capacity) for _ in layers]
     return cache
 
 
 @functools.cache
-def _preallocated_layer(base: type) -> type:
-    class Preallocated(base):
+def _preallocated_layer() -> type:
+    """The layer class, built once (on first use: transformers is imported only then)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class Preallocated(DynamicLayer):
         def __init__(self, capacity: int):
             super().__init__()
             self.capacity = capacity
