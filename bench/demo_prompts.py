@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from train.offline import DATA_DIR, arith_reward, warmed_up_model
+from train.tasks.offline import DATA_DIR, arith_reward, warmed_up_model
 
 BINS = [(0.0, 0.05), (0.05, 0.5), (0.5, 0.95), (0.95, 1.01)]
 

@@ -6,7 +6,7 @@ Each (job, implementation) runs in its own process, interleaved (a-apa, a-trl, b
 repeat with the order inside each job swapped), so that the ratios are measured under the same load. Jobs:
 
 - ``a``: the offline arithmetic task (the warmed-up tiny GPT-J and its character tokenizer,
-  ``train/data/arith_prompts.jsonl``, ``train.offline:arith_reward``), GRPO, 16 prompts x 4 samples per
+  ``train/data/arith_prompts.jsonl``, ``train.tasks.offline:arith_reward``), GRPO, 16 prompts x 4 samples per
   iteration, at most 4 new tokens, 2 epochs of one gradient step each.
 - ``b``: a ~162M-parameter Llama-shaped model (12 layers, 768 wide, V = 50,400, random weights, built locally
   with the offline tokenizer padded to 50,400: ``bench.trainer.llama_160m_model``), the same prompts and reward,
@@ -83,7 +83,7 @@ from dataclasses import asdict, dataclass, replace
 from . import trainer as bt
 
 RESULTS = os.path.join(bt.ROOT, "bench", "results")
-REWARD = "train.offline:arith_reward"
+REWARD = "train.tasks.offline:arith_reward"
 
 
 @dataclass(frozen=True)
@@ -116,13 +116,13 @@ JOBS = {
 def model_dir(job: Job) -> str:
     if job.model == "llama160m":
         return bt.llama_160m_model()
-    from train import offline
+    from train.tasks import offline
 
     return str(offline.warmed_up_model())
 
 
 def dataset_file() -> str:
-    from train import offline
+    from train.tasks import offline
 
     return str(offline.DATA_DIR / "arith_prompts.jsonl")
 

@@ -70,7 +70,7 @@ def run_one(backend: str, steps: int, extra: list[str], timeout: float = 900, en
 
 def padded_vocab_model(vocab: int) -> str:
     """The warmed-up offline policy with its vocabulary padded to ``vocab`` (cached); returns its dir."""
-    from train import offline
+    from train.tasks import offline
 
     src = offline.warmed_up_model()
     dst = offline.default_cache_dir() / f"{src.name}-vocab{vocab}"
@@ -95,7 +95,7 @@ def padded_vocab_model(vocab: int) -> str:
 def _random_160m_model(name: str, vocab: int, make) -> str:
     """A randomly initialised ~160M-parameter causal LM with the padded offline tokenizer (V = ``vocab``), built
     locally by ``make(tokenizer) -> model`` under the cache's ``name`` and cached; returns its dir."""
-    from train import offline
+    from train.tasks import offline
 
     dst = offline.default_cache_dir() / name
     if (dst / "DONE").exists():
@@ -181,7 +181,8 @@ def lora_memory(steps: int = 2, rank: int = 8) -> list[str]:
 
 def offline_task_flags(model_dir: str) -> list[str]:
     """The offline preset's settings, for a policy given by path (which would get the HF preset)."""
-    from train import config, offline
+    from train import config
+    from train.tasks import offline
 
     p = config.PRESETS["offline"]
     # not passed: the run length and checkpoint/eval cadence (the benchmark sets its own), the dataset

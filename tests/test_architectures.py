@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_fixtures import make_tiny_hf_model, two_steps_with_evals
+from train_fixtures import logprobs, make_tiny_hf_model, two_steps_with_evals
 
 ARCHS = {  # model_type -> extra config (tiny sizes are common to all)
     "gpt_neox": {},
@@ -40,6 +40,7 @@ def test_architecture_trains_with_exact_logprobs(name, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from train.models import Policy, head_transform
+    from train.records import Batch
 
     lm = AutoModelForCausalLM.from_pretrained(path).eval()
     scale, cap = head_transform(lm)
@@ -48,10 +49,12 @@ def test_architecture_trains_with_exact_logprobs(name, tmp_path, capsys):
     mask = torch.ones_like(ids)
     pos = torch.arange(ids.shape[1]).unsqueeze(0)
     labels = ids[:, 3:]
+    b = Batch(input_ids=ids, attention_mask=mask, position_ids=pos, prompt_len=3, response=labels,
+              mask=torch.ones_like(labels, dtype=torch.bool))
     with torch.no_grad():
-        fused = pol(ids, mask, pos, labels, 2).logprobs
+        fused = logprobs(pol, b)
         own = torch.log_softmax(lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, 2:-1].float(), -1)
-        uncapped = Policy(lm, logit_scale=scale)(ids, mask, pos, labels, 2).logprobs
+        uncapped = logprobs(Policy(lm, logit_scale=scale), b)
     want = own.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(fused, want, atol=2e-5, rtol=0)
     if cap is not None:  # the cap changes the log-probs by far more than the tolerance: it is really applied

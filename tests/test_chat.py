@@ -12,6 +12,10 @@ from train_fixtures import (CHATS, cfg_for, main_error, make_chat_policy, make_f
                             tiny_args, two_steps_with_evals, write_chats)
 
 from train import run as R
+from train import dist as D
+from train import loading as L
+from train import models as M
+from train import rollout as RO
 
 
 @pytest.fixture(scope="module")
@@ -27,21 +31,22 @@ def test_policy_sees_its_template_and_reward_model_its_own(setup, tmp_path):
     policy, rm, chats = setup
     cfg = cfg_for(policy, tmp_path / "o", "--reward-model", str(rm), "--dataset", str(chats), "--prompt-column",
                   "messages", "--max-new-tokens", "6", "--max-prompt-len", "64")
-    d = R.Dist()
-    m = R.build_models(cfg, d, print)
-    prompts = R.load_prompts(cfg.dataset, "train", "messages")
+    d = D.Dist()
+    m = M.build_models(cfg, d, print)
+    prompts = L.load_prompts(cfg.dataset, "train", "messages")
     assert prompts[0] == CHATS[0]
-    ro = R.rollout(m, prompts, cfg, d)
+    ro = RO.rollout(m, prompts, cfg, d)
     # what the policy saw: its own template, the assistant's turn opened, exactly one BOS (the template's)
     assert ro.prompts[0] == "<s><|system|>be brief.\n<|user|>1+2=?\n<|assistant|>"
     ptok = AutoTokenizer.from_pretrained(policy)
-    row = ro.input_ids[0, : ro.prompt_len][ro.attention_mask[0, : ro.prompt_len].bool()].tolist()
+    P = ro.batch.prompt_len
+    row = ro.batch.input_ids[0, :P][ro.batch.attention_mask[0, :P].bool()].tolist()
     assert row == ptok(ro.prompts[0], add_special_tokens=False)["input_ids"] and row.count(ptok.bos_token_id) == 1
     # what the reward model received: a real forward hook on it records its input ids
     seen = []
     hook = m.reward.model.register_forward_pre_hook(lambda mod, a, kw: seen.append((kw["input_ids"], kw["attention_mask"])),
                                                     with_kwargs=True)
-    R.score(m.reward, ro, d, print)
+    RO.score(m.reward, ro, d, print)
     hook.remove()
     (ids, mask), = seen
     rtok = AutoTokenizer.from_pretrained(rm)

@@ -10,10 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_fixtures import (REPO, cfg_for, experience, main_error, make_tiny_model, metric_rows, run_trainer,
+from train_fixtures import (REPO, logprobs, cfg_for, experience, main_error, make_tiny_model, metric_rows, run_trainer,
                             tiny_args)
 
 from train import run as R
+from train import algos as A
+from train import dist as D
+from train import loading as L
+from train import models as M
 from train.models import AdaptersOff, Policy
 
 LORA = ("--lora-rank", "4")
@@ -28,13 +32,13 @@ def tiny(tmp_path_factory) -> Path:
 def _trained(tiny, tmp_path, *extra):
     """LoRA models after one rollout and one update (the adapters' B no longer 0)."""
     cfg = cfg_for(tiny, tmp_path / "run", *LORA, *extra)
-    d = R.Dist()
+    d = D.Dist()
     torch.manual_seed(0)
-    m = R.build_models(cfg, d, print)
+    m = M.build_models(cfg, d, print)
     params = [p for mod in (m.policy, m.critic) if mod is not None for p in mod.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
-    _, b = experience(m, cfg, d, R.load_prompts(cfg.dataset, "train", "prompt")[:8])
-    R.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(0))
+    _, b = experience(m, cfg, d, L.load_prompts(cfg.dataset, "train", "prompt")[:8])
+    A.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(0))
     return cfg, d, m, b
 
 
@@ -52,11 +56,8 @@ def test_only_adapters_train_and_the_initial_policy_is_the_base(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
     base = Policy(AutoModelForCausalLM.from_pretrained(tiny)).eval()
-    args = b.forward_args()
     with torch.no_grad():
-        want = base(*args).logprobs
-        got = m.ref(*args).logprobs
-        now = m.policy(*args).logprobs
+        want, got, now = (logprobs(p, b.batch) for p in (base, m.ref, m.policy))
     valid = b.mask
     torch.testing.assert_close(got[valid], want[valid], atol=1e-6, rtol=0)
     assert (now - want)[valid].abs().max() > 1e-3  # the adapters moved the policy
@@ -136,7 +137,7 @@ def test_bad_lora_flags_refused_in_one_line(tiny, tmp_path, capsys, flags, expec
 def test_lora_targets_and_unfrozen_layers_choose_the_adapted_layers(tiny, tmp_path):
     cfg = cfg_for(tiny, tmp_path / "o", *LORA, "--lora-targets", "q_proj,v_proj", "--unfrozen-layers", "1",
                   "--critic", "none", "--advantage", "group", "--samples-per-prompt", "2")
-    m = R.build_models(cfg, R.Dist(), print)
+    m = M.build_models(cfg, D.Dist(), print)
     names = {n.split(".lora_A.")[0] for n, _ in m.policy.named_parameters() if ".lora_A." in n}
     assert names == {f"lm.base_model.model.transformer.h.1.attn.{p}" for p in ("q_proj", "v_proj")}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from train import sweep
+from train.experiments import sweep
 from train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_aggregate_mean_and_student_t_interval_by_hand(tmp_path):
 
 def test_bad_arguments_are_one_line(tmp_path):
     for args, what in ((["--arms", "apa,nope"], "--arms"), (["--seeds", "a"], "--seeds"), (["--steps", "3"], "--steps")):
-        p = subprocess.run([sys.executable, "-m", "train.sweep", "--out", str(tmp_path), *args], cwd=ROOT,
+        p = subprocess.run([sys.executable, "-m", "train.experiments.sweep", "--out", str(tmp_path), *args], cwd=ROOT,
                            capture_output=True, text=True)
         assert p.returncode == 2 and what in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
@@ -70,7 +70,7 @@ def test_killed_sweep_resumes_without_redoing_complete_runs(tmp_path):
     """A real sweep (3 runs, one at a time) is SIGKILLed once its first run is complete; the same command then
     completes the rest, leaves the complete run untouched, and reports over all three."""
     out = tmp_path / "sw"
-    cmd = [sys.executable, "-m", "train.sweep", "--arms", "apa-group", "--seeds", "0,1,2", "--values", "1",
+    cmd = [sys.executable, "-m", "train.experiments.sweep", "--arms", "apa-group", "--seeds", "0,1,2", "--values", "1",
            "--steps", "10", "--jobs", "1", "--out", str(out), "--save-every", "5"]
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -109,7 +109,7 @@ def test_killed_sweep_resumes_without_redoing_complete_runs(tmp_path):
 def test_proxy_reward_model_is_cached_and_loads_as_sequence_classification():
     from transformers import AutoModelForSequenceClassification
 
-    from train.offline import arith_reward, proxy_reward_model
+    from train.tasks.offline import arith_reward, proxy_reward_model
     from train.rewards import HFRewardModel
 
     import torch
@@ -133,7 +133,7 @@ def test_proxy_reward_model_is_cached_and_loads_as_sequence_classification():
 
 
 def test_ppo_fixed_beta_with_kl_target_zero():
-    from train.run import KLController
+    from train.algos import KLController
 
     fixed, adaptive = KLController(0.1, 0.0, 10000.0), KLController(0.1, 6.0, 10000.0)
     for kl in (20.0, 0.0, 50.0):

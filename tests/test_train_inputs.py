@@ -12,6 +12,10 @@ from train_fixtures import (cfg_for, main_error, make_tiny_hf_model, make_tiny_m
                             two_steps_with_evals)
 
 from train import run as R
+from train import algos as A
+from train import dist as D
+from train import models as M
+from train import setup as S
 from train.config import parse_args
 from train.errors import LoadError
 
@@ -29,7 +33,7 @@ _main_error = main_error
 
 
 def _tiny_gptj_config():
-    from train.offline import build_tokenizer
+    from train.tasks.offline import build_tokenizer
 
     tok = build_tokenizer()
     return tok, tiny_config(tok)
@@ -115,7 +119,7 @@ def test_gptj_reward_converter_rejects_other_checkpoints(tmp_path):
 
 
 def test_function_reward_and_arith_reward():
-    from train.offline import arith_reward
+    from train.tasks.offline import arith_reward
     from train.rewards import FunctionReward
 
     assert arith_reward(["3+4=", "10+12=", "hello"], ["7", "21", "1"])[:2] == [1.0, 0.0]
@@ -237,7 +241,7 @@ def test_gptj_reward_at_flag_reaches_the_reward_model(tmp_path, at):
     _raw_rm_checkpoint(tmp_path / "hf_ckpt.pt", config)
     extra = ("--gptj-reward-at", at) if at == "eos" else ()  # before_eos: the default
     cfg = cfg_for(policy, tmp_path / "o", "--reward-model", str(tmp_path / "hf_ckpt.pt"), *extra)
-    m = R.build_models(cfg, R.Dist(), print)
+    m = M.build_models(cfg, D.Dist(), print)
     assert m.reward.model.read_at == at
     ids = tok(["1+2=3<eos>"], return_tensors="pt")["input_ids"]
     want = convert_gptj_reward_checkpoint(tmp_path / "hf_ckpt.pt", config, read_at=at)(ids, torch.ones_like(ids),
@@ -248,7 +252,7 @@ def test_gptj_reward_at_flag_reaches_the_reward_model(tmp_path, at):
 def test_unfrozen_layers_trains_only_the_top_blocks(tmp_path):
     path = make_tiny_model(tmp_path / "m", n_layer=3)
     cfg = cfg_for(path, tmp_path / "o", "--unfrozen-layers", "1")
-    m = R.build_models(cfg, R.Dist(), print)
+    m = M.build_models(cfg, D.Dist(), print)
     for model, prefix in ((m.policy, "lm.transformer."), (m.critic, "body.")):
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         assert names and all(n.startswith((f"{prefix}h.2.", f"{prefix}ln_f.", "lm.lm_head.", "head.")) for n in names), names
@@ -278,7 +282,7 @@ def test_learning_rate_schedule(tiny, tmp_path, schedule):
     import math
 
     cfg = cfg_for(tiny, tmp_path / "o", "--lr", "0.1", "--steps", "12", "--warmup-steps", "2", "--lr-schedule", schedule)
-    got = [R.lr_at(cfg, s) for s in range(12)]
+    got = [A.lr_at(cfg, s) for s in range(12)]
     assert got[:2] == pytest.approx([0.1 / 3, 0.2 / 3])
     x = [(s - 2) / 10 for s in range(2, 12)]
     want = {"constant": [0.1] * 10, "linear": [0.1 * (1 - v) for v in x],
@@ -293,7 +297,7 @@ def test_a_batch_that_does_not_split_across_processes_is_refused(tiny, tmp_path)
                   "--minibatch-size", "3")
     with pytest.raises(LoadError, match="--batch-size 3 and --minibatch-size 3 must be multiples of the number of "
                                         r"processes \(2\)"):
-        R.check_flags(cfg, R.Dist(world=2))
+        S.check_flags(cfg, D.Dist(world=2))
 
 
 def test_a_reward_that_is_never_a_number_stops_with_one_line(tiny, tmp_path, capsys):

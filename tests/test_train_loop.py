@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -9,9 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_fixtures import REPO, cfg_for, experience, make_tiny_model, metric_rows, run_trainer, tiny_args
+from train_fixtures import (REPO, cfg_for, experience, logprobs, make_tiny_model, metric_rows, policy_loss, run_trainer,
+                            tiny_args)
 
 from train import run as R
+from train import algos as A
+from train import dist as D
+from train import loading as L
+from train import models as M
+from train import rollout as RO
+from train import experience as X
 from train.errors import LoadError
 
 
@@ -23,13 +31,13 @@ def tiny(tmp_path_factory) -> Path:
 
 def _models(tiny, tmp_path, *extra):
     cfg = cfg_for(tiny, tmp_path / "run", *extra)
-    d = R.Dist()
+    d = D.Dist()
     torch.manual_seed(0)
-    return cfg, d, R.build_models(cfg, d, print)
+    return cfg, d, M.build_models(cfg, d, print)
 
 
 def _experience(m, cfg, d, n=8):
-    return experience(m, cfg, d, R.load_prompts(cfg.dataset, "train", "prompt")[:n], sampling_logprobs=True)[1]
+    return experience(m, cfg, d, L.load_prompts(cfg.dataset, "train", "prompt")[:n], sampling_logprobs=True)[1]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -43,8 +51,8 @@ def test_generation_logprobs_equal_training_logprobs(tiny, tmp_path, temperature
             raise
         pytest.skip("this transformers' GPT-J has no SDPA path (the pinned one has)")
     torch.manual_seed(1)
-    ro, b = experience(m, cfg, d, R.load_prompts(cfg.dataset, "train", "prompt")[:8], sampling_logprobs=True)
-    assert b.prompt_len > 1 and (b.attention_mask[:, 0] == 0).any(), "the batch should contain left padding"
+    ro, b = experience(m, cfg, d, L.load_prompts(cfg.dataset, "train", "prompt")[:8], sampling_logprobs=True)
+    assert b.batch.prompt_len > 1 and (b.batch.attention_mask[:, 0] == 0).any(), "the batch should contain left padding"
     assert b.mask.sum() > 8
     # logp_old comes from the training forward (fused head from hidden states, position ids from the mask)
     torch.testing.assert_close(b.logp_old, ro.logp_sample, atol=2e-5, rtol=0)
@@ -62,11 +70,11 @@ def test_each_algorithm_loss_decreases_on_a_fixed_batch(tiny, tmp_path, algo):
     # plain gradient steps: Adam's sign-like first steps can raise PPO's clipped surrogate on some samples
     opt = torch.optim.SGD(params, lr=1e-2)
     with torch.no_grad():
-        before = float(R.policy_loss(m, b, cfg).loss)
+        before = float(policy_loss(m, b, cfg))
     for i in range(2):
-        R.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(i))
+        A.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(i))
     with torch.no_grad():
-        after = float(R.policy_loss(m, b, cfg).loss)
+        after = float(policy_loss(m, b, cfg))
     assert math.isfinite(before) and after < before, (algo, before, after)
 
 
@@ -75,10 +83,10 @@ def test_apa_loss_is_the_formula(tiny, tmp_path):
     cfg, d, m = _models(tiny, tmp_path)
     torch.manual_seed(3)
     b = _experience(m, cfg, d)
-    b.advantages = torch.randn_like(b.advantages) * b.mask
+    b = dataclasses.replace(b, advantages=torch.randn_like(b.advantages) * b.mask)
     with torch.no_grad():
-        fused = float(R.policy_loss(m, b, cfg).loss)
-        logp = m.policy(*b.forward_args(), temperature=cfg.temperature, backend="eager").logprobs
+        fused = float(policy_loss(m, b, cfg))
+        logp = logprobs(m.policy, b.batch, backend="reference")  # eager: the logits built
     ref = float(((logp - b.logp_init - b.advantages / cfg.lam) ** 2 * b.mask).sum() / b.mask.sum())
     assert fused == pytest.approx(ref, rel=1e-5)
 
@@ -93,22 +101,22 @@ def test_on_policy_step_equals_a_separate_behaviour_pass(tiny, tmp_path, monkeyp
              "--minibatch-size", "4", "--epochs", "2", "--reward-model", "train_fixtures:parity_reward",
              "--kernel-backend", backend, "--kl-loss-coef", "0.1", "--lr", "1e-2")
     cfg = cfg_for(tiny, tmp_path / "run", *extra)
-    assert R.on_policy(cfg, 8, R.Dist())
-    assert not R.on_policy(cfg_for(tiny, tmp_path / "run", *extra, "--minibatch-size", "2"), 8, R.Dist())
+    assert X.on_policy(cfg, 8, D.Dist())
+    assert not X.on_policy(cfg_for(tiny, tmp_path / "run", *extra, "--minibatch-size", "2"), 8, D.Dist())
     got = {}
     for separate in (False, True):
         if separate:
-            monkeypatch.setattr(R, "on_policy", lambda *a: False)
+            monkeypatch.setattr(X, "on_policy", lambda *a: False)
         cfg, d, m = _models(tiny, tmp_path, *extra)
-        prompts = [q for q in R.load_prompts(cfg.dataset, "train", "prompt")[:4] for _ in range(2)]
+        prompts = [q for q in L.load_prompts(cfg.dataset, "train", "prompt")[:4] for _ in range(2)]
         torch.manual_seed(5)
         b = experience(m, cfg, d, prompts)[1]
         assert (b.logp_old is None) != separate and (b.entropy is None) != separate
         params = [p for p in m.policy.parameters() if p.requires_grad]
         init = torch.cat([p.detach().flatten() for p in params])
         opt = torch.optim.SGD(params, lr=cfg.lr)
-        stats = R.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(0))
-        got[separate] = (torch.cat([p.detach().flatten() for p in params]), stats, R.iteration_metrics(b, cfg, d),
+        stats, b = A.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(0))
+        got[separate] = (torch.cat([p.detach().flatten() for p in params]), stats, X.iteration_metrics(b, cfg, d),
                          b.logp_old)
     (p1, s1, m1, lp1), (p2, s2, m2, lp2) = got[False], got[True]
     torch.testing.assert_close(lp1, lp2, atol=1e-5, rtol=0)
@@ -132,14 +140,14 @@ def test_micro_batches_give_the_same_step(tiny, tmp_path, extra):
     for tokens in (0, 1):  # one pass; one sequence per micro-batch (any budget below one sequence's length)
         cfg, d, m = _models(tiny, tmp_path, *extra, "--micro-batch-tokens", str(tokens))
         n = 4 * cfg.samples_per_prompt
-        prompts = [q for q in R.load_prompts(cfg.dataset, "train", "prompt")[:4] for _ in range(cfg.samples_per_prompt)]
+        prompts = [q for q in L.load_prompts(cfg.dataset, "train", "prompt")[:4] for _ in range(cfg.samples_per_prompt)]
         torch.manual_seed(5)
         b = experience(m, cfg, d, prompts)[1]
-        assert b.input_ids.shape[0] == n
+        assert b.batch.input_ids.shape[0] == n
         params = [p for mod in (m.policy, m.critic) if mod is not None for p in mod.parameters() if p.requires_grad]
         init = torch.cat([p.detach().flatten() for p in params])
         opt = torch.optim.SGD(params, lr=cfg.lr)
-        stats = R.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(0))
+        stats, b = A.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(0))
         got[tokens] = (torch.cat([p.detach().flatten() for p in params]), stats, b.logp_old, b.entropy)
     (p1, s1, lp1, e1), (p2, s2, lp2, e2) = got[0], got[1]
     step = float((p1 - init).abs().max())
@@ -152,12 +160,12 @@ def test_micro_batches_give_the_same_step(tiny, tmp_path, extra):
 
 def test_nan_rewards_are_reported_and_left_out(tiny, tmp_path, capsys):
     cfg, d, m = _models(tiny, tmp_path, "--reward-model", "train_fixtures:nan_reward")
-    prompts = R.load_prompts(cfg.dataset, "train", "prompt")[:8]
-    ro = R.rollout(m, prompts, cfg, d)
-    scores = R.score(m.reward, ro, d, print)
+    prompts = L.load_prompts(cfg.dataset, "train", "prompt")[:8]
+    ro = RO.rollout(m, prompts, cfg, d)
+    scores = RO.score(m.reward, ro, d, print)
     assert int((~torch.isfinite(scores)).sum()) == 4
     assert "not a finite number for 4/8 samples" in capsys.readouterr().out
-    b = R.make_experience(m, ro, scores, scores, cfg, 0.05, d)
+    b = X.make_experience(m, ro, scores, scores, cfg, 0.05, d)
     assert not b.mask[1::2].any() and b.mask[0::2].any()
     assert torch.isfinite(b.rewards).all() and torch.isfinite(b.advantages).all()
     assert (b.advantages[1::2] == 0).all()

@@ -20,7 +20,7 @@ PROMPTS = str(REPO / "train" / "data" / "arith_prompts.jsonl")
 
 def tiny_config(tok, n_layer: int = 2, n_embd: int = 32):
     """The tests' tiny GPT-J config (2 heads, rotary_dim 8) for the offline tokenizer ``tok``."""
-    from train.offline import tiny_gptj_config
+    from train.tasks.offline import tiny_gptj_config
 
     return tiny_gptj_config(tok, n_layer=n_layer, n_embd=n_embd, n_head=2, rotary_dim=8)
 
@@ -31,7 +31,7 @@ def make_tiny_model(path: Path, seed: int = 0, n_layer: int = 2, n_embd: int = 3
     ``pad_is_eos``: pad with the EOS token, as GPT-J's tokenizer setups do."""
     from transformers import GPTJForCausalLM
 
-    from train.offline import build_tokenizer
+    from train.tasks.offline import build_tokenizer
 
     tok = build_tokenizer()
     if pad_is_eos:
@@ -50,7 +50,7 @@ def make_tiny_hf_model(path: Path, model_type: str, n_layer: int = 2, **extra) -
     ``AutoConfig.for_model`` and saved with save_pretrained; ``extra`` goes to the config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from train.offline import build_tokenizer
+    from train.tasks.offline import build_tokenizer
 
     tok = build_tokenizer()
     cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=32, intermediate_size=64,
@@ -69,6 +69,12 @@ def two_steps_with_evals(model_dir: Path, out: Path, *extra: str) -> list[dict]:
     import json
 
     from train import run as R
+    from train import algos as A
+    from train import dist as D
+    from train import loading as L
+    from train import models as M
+    from train import rollout as RO
+    from train import experience as X
 
     args = tiny_args(model_dir, out, "--steps", "2", "--no-plot", "--no-export", *extra)
     args[args.index("--eval-every") + 1] = "1"
@@ -88,6 +94,12 @@ def metric_rows(out: Path) -> list[dict]:
 def main_error(argv: list[str], capsys) -> str:
     """``train.run.main(argv)`` must fail with exit code 2 and exactly one line on stderr; that line."""
     from train import run as R
+    from train import algos as A
+    from train import dist as D
+    from train import loading as L
+    from train import models as M
+    from train import rollout as RO
+    from train import experience as X
 
     rc = R.main(argv)
     err = capsys.readouterr().err.strip()
@@ -116,6 +128,26 @@ def nan_reward(prompts, completions, **_):
 
 def all_nan_reward(prompts, completions, **_):
     return [float("nan")] * len(completions)
+
+
+def policy_loss(m, b, cfg):
+    """The algorithm's policy loss on experience ``b`` as the update forms it (fused from hidden states)."""
+    import apa_fast
+    from train.algos import policy_token_loss
+
+    out = m.policy(b.batch)
+    return apa_fast.linear_token_loss(out.hidden, out.head.weight, b.batch.response, policy_token_loss(cfg, b),
+                                      **out.head.kw)
+
+
+def logprobs(policy, batch, backend: str | None = None):
+    """The response log-probs of ``batch`` under ``policy`` (0 where masked); ``backend``: apa_fast's, else the
+    policy's own."""
+    import dataclasses
+
+    out = policy(batch)
+    head = out.head if backend is None else dataclasses.replace(out.head, backend=backend)
+    return head.logprobs(out.hidden, batch.response, batch.mask)
 
 
 def tiny_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -156,12 +188,18 @@ def experience(m, cfg, d, prompts: list[str], beta: float | None = None, **rollo
     config's initial KL coefficient for PPO; ``rollout_kw`` go to rollout (greedy, sampling_logprobs).
     Returns (rollout, experience)."""
     from train import run as R
+    from train import algos as A
+    from train import dist as D
+    from train import loading as L
+    from train import models as M
+    from train import rollout as RO
+    from train import experience as X
 
     if beta is None:
         beta = cfg.kl_init if cfg.algo == "ppo" else cfg.kl_coef
-    ro = R.rollout(m, prompts, cfg, d, **rollout_kw)
-    scores = R.score(m.reward, ro, d, print)
-    return ro, R.make_experience(m, ro, scores, scores, cfg, beta, d)
+    ro = RO.rollout(m, prompts, cfg, d, **rollout_kw)
+    scores = RO.score(m.reward, ro, d, print)
+    return ro, X.make_experience(m, ro, scores, scores, cfg, beta, d)
 
 
 def one_update(model_dir: str, out_file: str, *extra: str) -> None:
@@ -171,29 +209,35 @@ def one_update(model_dir: str, out_file: str, *extra: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from train import run as R
+    from train import algos as A
+    from train import dist as D
+    from train import loading as L
+    from train import models as M
+    from train import rollout as RO
+    from train import experience as X
 
     torch.set_num_threads(1)
     # SGD without clipping: unlike Adam, its step shows whether gradients were averaged or summed over ranks
     cfg = cfg_for(Path(model_dir), Path(out_file).parent / "unused", "--batch-size", "8", "--minibatch-size", "8",
                   "--max-grad-norm", "0", "--lr", "0.01", *extra)
-    d = R.setup_dist()
+    d = D.setup_dist()
     torch.manual_seed(0)
-    m = R.build_models(cfg, d, print)
+    m = M.build_models(cfg, d, print)
     params = [p for mod in (m.policy, m.critic) if mod is not None for p in mod.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, foreach=False)
-    prompts = R.load_prompts(cfg.dataset, "train", "prompt")[:8]
+    prompts = L.load_prompts(cfg.dataset, "train", "prompt")[:8]
     per = 8 // d.world
     mine = [q for q in prompts[d.rank * per : (d.rank + 1) * per] for _ in range(cfg.samples_per_prompt)]
-    ro = R.rollout(m, mine, cfg, d, greedy=True)
+    ro = RO.rollout(m, mine, cfg, d, greedy=True)
     if cfg.samples_per_prompt > 1:
         # greedy samples of one prompt are identical, and mean-zero group advantages would cancel on them:
         # make every second sample differ in its first response token (the same change for any world size)
-        P, V = ro.prompt_len, m.policy.config.vocab_size
-        ro.response[1::2, 0] = (ro.response[1::2, 0] + 1) % V
-        ro.input_ids[1::2, P] = ro.response[1::2, 0]
-    scores = R.score(m.reward, ro, d, print)
-    b = R.make_experience(m, ro, scores, scores, cfg, 0.05, d)
-    R.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(0))
+        P, V = ro.batch.prompt_len, m.policy.config.vocab_size
+        ro.batch.response[1::2, 0] = (ro.batch.response[1::2, 0] + 1) % V
+        ro.batch.input_ids[1::2, P] = ro.batch.response[1::2, 0]
+    scores = RO.score(m.reward, ro, d, print)
+    b = X.make_experience(m, ro, scores, scores, cfg, 0.05, d)
+    A.update(m, b, cfg, d, opt, params, torch.Generator().manual_seed(0))
     full = {}
     for name, mod in (("policy", m.policy), ("critic", m.critic)):
         if mod is None:
@@ -219,7 +263,7 @@ def make_tiny_seqcls_reward(path: Path, seed: int = 1) -> Path:
     """A random tiny GPTJForSequenceClassification reward model (num_labels=1) with the offline tokenizer."""
     from transformers import GPTJForSequenceClassification
 
-    from train.offline import build_tokenizer
+    from train.tasks.offline import build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(seed)

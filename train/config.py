@@ -9,10 +9,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
-PROXY_REWARD = "offline-proxy"  # --reward-model: the offline task's learned reward model (train.offline)
+DATA_DIR = Path(__file__).parent / "data"  # the prompt sets shipped with the package
+PROXY_REWARD = "offline-proxy"  # --reward-model: the offline task's learned reward model (train.tasks.offline)
+# --model / --reward-model names of models that a task builds and caches on first use: "module:function", called as
+# function(cache_dir, log=...) -> the directory to load (named here, as strings, so that no generic module imports a task)
+BUILT = {"offline": "train.tasks.offline:warmed_up_model", PROXY_REWARD: "train.tasks.offline:proxy_reward_model"}
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -32,14 +37,16 @@ class Config:
                                   "(prompts, completions) -> list of floats. Default: the preset's")
     gold_reward: str = _f("", "a second reward, never trained on, scored on every rollout and logged as "
                           "gold_reward_mean (any --reward-model form); '': none, except the offline preset with "
-                          "--reward-model offline-proxy, where it is the exact-sum checker train.offline:arith_reward")
+                          "--reward-model offline-proxy, where it is the exact-sum checker train.tasks.offline:arith_reward")
     gptj_reward_at: str = _f("before_eos", "where a raw GPT-J reward checkpoint reads its score: at the token before "
                              "the first EOS ('before_eos': as the authors' reward-model training code, so as the model "
                              "was trained) or at that EOS ('eos': as the authors' RL scripts)",
                              choices=["before_eos", "eos"])
-    dataset: str | None = _f(None, "prompts: a HF dataset id, a local dir, or a .json/.jsonl/.csv/.parquet file with a "
+    dataset: str = _f("", "prompts: a HF dataset id, a local dir, or a .json/.jsonl/.csv/.parquet file with a "
                              "'prompt' column. Default: the preset's")
     dataset_split: str = _f("train", "split of --dataset to read prompts from")
+    eval_dataset: str = _f("", "held-out prompts for the evaluations (the forms of --dataset, its --prompt-column, split "
+                           "'train'); '': the first --eval-samples prompts of --dataset. Default: the preset's")
     prompt_column: str = _f("prompt", "column holding the prompt text")
     algo: str = _f("apa", "algorithm: apa (the paper), ppo (clipped, adaptive KL in the reward), awr, or grpo "
                    "(clipped surrogate + beta * k3 to the initial policy in the loss; implies --advantage group "
@@ -142,8 +149,8 @@ class Config:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "offline": dict(
-        reward_model="train.offline:arith_reward",
-        dataset=None,  # the shipped train/data/arith_prompts.jsonl
+        reward_model="train.tasks.offline:arith_reward",
+        dataset=str(DATA_DIR / "arith_prompts.jsonl"), eval_dataset=str(DATA_DIR / "arith_eval.jsonl"),
         steps=1200, batch_size=64, minibatch_size=32, epochs=2, lr=3e-4, lr_schedule="linear", lam=0.1, reward_scale="none",
         max_new_tokens=4, max_prompt_len=16, unfrozen_layers=-1, save_every=100, eval_every=200, threads=1,
     ),
@@ -155,6 +162,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_new_tokens=128, max_prompt_len=512, unfrozen_layers=2, save_every=50, eval_every=25,
     ),
     "hf": dict(
+        dataset=str(DATA_DIR / "arith_prompts.jsonl"),
         steps=200, batch_size=32, minibatch_size=8, epochs=1, lr=1e-6, lr_schedule="constant", lam=0.1, reward_scale="running",
         max_new_tokens=128, max_prompt_len=512, unfrozen_layers=2, save_every=50, eval_every=25,
     ),
@@ -183,7 +191,7 @@ def apply_preset(cfg: Config) -> Config:
     if cfg.model == "gptj":
         cfg.model = p["model"]
     if cfg.reward_model == PROXY_REWARD and not cfg.gold_reward and cfg.model == "offline":
-        cfg.gold_reward = "train.offline:arith_reward"  # the rule the proxy was trained to imitate
+        cfg.gold_reward = "train.tasks.offline:arith_reward"  # the rule the proxy was trained to imitate
     if cfg.threads < 0:
         cfg.threads = 0
     if cfg.minibatch_size > cfg.batch_size:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import socket
 from collections.abc import Sequence
 from pathlib import Path
 
+from .config import BUILT
 from .errors import LoadError
-from .offline import DATA_DIR
-
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,7 +72,7 @@ def load_causal_lm(name: str, *, dtype, attn: str | Sequence[str], trust_remote_
         return from_pretrained_with_attn(AutoModelForCausalLM, name, attn, dtype=dtype,
                                          trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - turned into one line for the user
-        raise LoadError(f"cannot load {what} {name!r} as a causal LM: {_first_line(e)}") from None
+        raise LoadError(f"cannot load {what} {name!r} as a causal LM: {first_line(e)}") from None
 
 
 def load_base_model(name: str, *, dtype, attn: str | Sequence[str], trust_remote_code: bool):
@@ -85,7 +85,7 @@ def load_base_model(name: str, *, dtype, attn: str | Sequence[str], trust_remote
     try:
         return from_pretrained_with_attn(AutoModel, name, attn, dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
-        raise LoadError(f"cannot load the critic's body from {name!r}: {_first_line(e)}") from None
+        raise LoadError(f"cannot load the critic's body from {name!r}: {first_line(e)}") from None
     finally:
         hf_logging.set_verbosity(level)
 
@@ -97,16 +97,34 @@ def load_tokenizer(name: str, *, trust_remote_code: bool, what: str = "tokenizer
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
-        raise LoadError(f"cannot load the tokenizer of {name!r}: {_first_line(e)}") from None
+        raise LoadError(f"cannot load the tokenizer of {name!r}: {first_line(e)}") from None
     if not tok.vocab_size:  # transformers builds an empty tokenizer where the files are missing: no silent zeros
         raise LoadError(f"cannot load the tokenizer of {name!r}: no tokenizer files there (its vocabulary is empty)")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
+    tok.padding_side = tok.truncation_side = "left"  # prompts: left-padded, and truncated from the left
     return tok
 
 
-def _first_line(e: BaseException) -> str:
+def import_object(spec: str, what: str):
+    """The object ``module:name`` names; one line naming ``what`` when it cannot be imported."""
+    mod, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise LoadError(f"cannot load {what} {spec!r}: {first_line(e)}") from None
+
+
+def resolve_source(spec: str, cfg, d, log) -> str:
+    """What the loaders read for a ``--model`` / ``--reward-model`` value: a model that a task builds and caches on
+    first use (``config.BUILT``; built on the main process first), or the value itself."""
+    if spec not in BUILT:
+        return spec
+    build = import_object(BUILT[spec], "the builder of")
+    return str(d.main_first(lambda: build(cfg.cache_dir or None, log=log)))
+
+
+def first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return f"{type(e).__name__}: {s[0] if s else ''}"
 
@@ -170,16 +188,14 @@ def check_chat_prompts(prompts: list[Prompt], tokenizer, model: str, column: str
                         "there), or plain-string prompts")
 
 
-def load_prompts(dataset: str | None, split: str, column: str) -> list[Prompt]:
+def load_prompts(dataset: str, split: str, column: str) -> list[Prompt]:
     """Prompts as a list of strings or chats (lists of {role, content} messages), loaded through ``datasets``; a
     malformed row is named."""
     import datasets
 
     datasets.disable_progress_bars()
     try:
-        if dataset is None:
-            ds = datasets.load_dataset("json", data_files=str(DATA_DIR / "arith_prompts.jsonl"), split="train")
-        elif Path(dataset).is_file():
+        if Path(dataset).is_file():
             ext = Path(dataset).suffix.lstrip(".")
             if ext in ("jsonl", "json"):
                 _check_json_lines(dataset, column)
@@ -198,9 +214,9 @@ def load_prompts(dataset: str | None, split: str, column: str) -> list[Prompt]:
     except LoadError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise LoadError(f"cannot load dataset {dataset!r} (split {split!r}): {_first_line(e)}") from None
+        raise LoadError(f"cannot load dataset {dataset!r} (split {split!r}): {first_line(e)}") from None
     if column not in ds.column_names:
-        raise LoadError(f"dataset {dataset or 'arith_prompts'!r} has no {column!r} column (columns: {ds.column_names}); "
+        raise LoadError(f"dataset {dataset!r} has no {column!r} column (columns: {ds.column_names}); "
                         f"pass --prompt-column")
     prompts = []
     for i, p in enumerate(ds[column]):

@@ -15,26 +15,48 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import apa_fast
-from apa_fast import reference
-from apa_fast.losses import TokenLoss
 
 from .activations import fuse_layers
 from .errors import LoadError
+from .loading import load_base_model, load_causal_lm, load_tokenizer, resolve_source
+from .records import Batch
+from .rewards import load_reward
 from .sampling import head_logits, sample
 
 
-@dataclass
-class TokenScores:
-    """What one policy forward gives for the R response positions (each (B, R), or a scalar loss)."""
+@dataclass(frozen=True)
+class Head:
+    """The LM head as apa_fast's fused ops take it: ``logits = c tanh((h W^T + b) / c) / temperature`` (no tanh
+    when ``softcap`` is None), on the apa_fast ``backend`` (``reference``: eager PyTorch, the logits built)."""
 
-    logprobs: Tensor | None = None
-    entropy: Tensor | None = None
-    values: Tensor | None = None
-    loss: Tensor | None = None
+    weight: Tensor  # (V, H)
+    bias: Tensor | None  # (V,)
+    temperature: float
+    softcap: float | None
+    backend: str
+
+    @property
+    def kw(self) -> dict:
+        """The keyword arguments of ``apa_fast.linear_token_logprobs`` / ``linear_token_loss`` besides h, W, labels."""
+        return dict(bias=self.bias, temperature=self.temperature, softcap=self.softcap, backend=self.backend)
+
+    def logprobs(self, h: Tensor, tokens: Tensor, mask: Tensor, entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """``log pi(y_t)`` of ``tokens`` (and the entropy) where ``mask``, 0 elsewhere; masked rows are skipped."""
+        return apa_fast.linear_token_logprobs(h, self.weight, tokens.masked_fill(~mask, -100), return_entropy=entropy,
+                                              **self.kw)
+
+
+@dataclass(frozen=True)
+class PolicyOut:
+    """One policy forward: the final hidden states of the R positions that predict the response, the head that
+    turns them into log-probs, and the shared value head's values (or None)."""
+
+    hidden: Tensor  # (B, R, H)
+    head: Head
+    values: Tensor | None = None  # (B, R)
 
 
 class ValueHead(nn.Module):
@@ -55,14 +77,24 @@ def _final_hidden(body: nn.Module, input_ids: Tensor, attention_mask: Tensor, po
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def _response_hidden(body: nn.Module, b: Batch) -> Tensor:
+    """The final hidden states of the positions ``P-1 .. P+R-2`` that predict the R response tokens."""
+    h = _final_hidden(body, b.input_ids, b.attention_mask, b.position_ids)
+    return h[:, b.prompt_len - 1 : b.prompt_len - 1 + b.response.shape[1]]
+
+
 class Policy(nn.Module):
-    """A causal LM whose response tokens are scored from hidden states by apa_fast (optionally with a value
-    head on the same hidden states: ``--critic shared``)."""
+    """A causal LM whose forward stops at the final hidden states and hands back its head, so that the trainer
+    scores the response with apa_fast's fused ops (the logits are never built); optionally a value head on the
+    same hidden states (``--critic shared``). Under FSDP2 the policy is the root unit: its forward gathers the
+    head's weight, which stays gathered until the backward of the loss built on it."""
 
     def __init__(self, lm: nn.Module, value_head: bool = False, logit_scale: float = 1.0, lora: bool = False,
-                 softcap: float | None = None):
+                 softcap: float | None = None, temperature: float = 1.0, backend: str = "auto"):
         super().__init__()
         self.lm, self.logit_scale, self.lora, self.softcap = lm, logit_scale, lora, softcap
+        # a head's scaling folds into the softmax's temperature; "eager" is apa_fast's reference (logits built)
+        self.temperature, self.backend = temperature / logit_scale, "reference" if backend == "eager" else backend
         self.v_head = ValueHead(lm.config.get_text_config().hidden_size).to(lm.device) if value_head else None
 
     @property
@@ -74,42 +106,12 @@ class Policy(nn.Module):
         """The transformers causal LM (with LoRA: the model peft wraps, its adapter layers injected in place)."""
         return self.lm.get_base_model() if self.lora else self.lm
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, labels: Tensor, start: int, *,
-                loss: TokenLoss | None = None, entropy: bool = False, values: bool = False, temperature: float = 1.0,
-                backend: str = "auto") -> TokenScores:
-        """Score ``labels`` (B, R; -100 where not scored), predicted from positions ``start .. start+R-1``.
-
-        With ``loss`` (a per-token loss of the log-probs, ``apa_fast.losses``) returns that loss, fused, and with
-        ``entropy`` also this pass's (detached) log-probs and entropy: an on-policy step's behaviour log-probs
-        with no second pass over the head. Otherwise the log-probs (and entropy). ``backend="eager"`` builds the
-        logits: the baseline."""
+    def forward(self, b: Batch, values: bool = False) -> PolicyOut:
         lm = self.causal_lm
-        h = _final_hidden(lm.base_model, input_ids, attention_mask, position_ids)[:, start : start + labels.shape[1]]
-        temperature = temperature / self.logit_scale  # a head's scaling, folded into the softmax's temperature
+        h = _response_hidden(lm.base_model, b)
         head = lm.get_output_embeddings()
-        w, b = head.weight, head.bias
-        out = TokenScores(values=self.v_head(h) if values else None)
-        cap = self.softcap
-        if backend == "eager":
-            lp = reference.token_logprobs(F.linear(h, w, b), labels, temperature, return_entropy=entropy, softcap=cap)
-            lp, out.entropy = lp if entropy else (lp, None)
-            if loss is None:
-                out.logprobs = lp
-            else:
-                out.loss = loss(lp)
-                if entropy:
-                    out.logprobs, out.entropy = lp.detach(), out.entropy.detach()
-        elif loss is not None:
-            kw = dict(bias=b, temperature=temperature, backend=backend, softcap=cap)
-            if entropy:
-                out.loss, out.logprobs, out.entropy = apa_fast.linear_token_loss(h, w, labels, loss, return_scores=True, **kw)
-            else:
-                out.loss = apa_fast.linear_token_loss(h, w, labels, loss, **kw)
-        else:
-            lp = apa_fast.linear_token_logprobs(h, w, labels, bias=b, temperature=temperature,
-                                                return_entropy=entropy, backend=backend, softcap=cap)
-            out.logprobs, out.entropy = lp if entropy else (lp, None)
-        return out
+        return PolicyOut(h, Head(head.weight, head.bias, self.temperature, self.softcap, self.backend),
+                         self.v_head(h) if values else None)
 
     def generate(self, **kw):
         return self.lm.generate(**kw)
@@ -128,9 +130,9 @@ class AdaptersOff:
     def __init__(self, policy: Policy):
         self.policy = policy
 
-    def __call__(self, *args, **kw) -> TokenScores:
+    def __call__(self, b: Batch, **kw) -> PolicyOut:
         with self.policy.lm.disable_adapter():
-            return self.policy(*args, **kw)
+            return self.policy(b, **kw)
 
 
 class Critic(nn.Module):
@@ -141,10 +143,9 @@ class Critic(nn.Module):
         self.body = body
         self.head = ValueHead(hidden_size)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, labels: Tensor, start: int) -> Tensor:
-        """Values (B, R) at the positions that predict ``labels`` (the policy's forward arguments)."""
-        h = _final_hidden(self.body, input_ids, attention_mask, position_ids)
-        return self.head(h[:, start : start + labels.shape[1]])
+    def forward(self, b: Batch) -> Tensor:
+        """Values (B, R) at the positions that predict the response."""
+        return self.head(_response_hidden(self.body, b))
 
 
 @torch.no_grad()
@@ -304,11 +305,6 @@ def build_models(cfg, d, log) -> Models:
     Single process: each model moves to the device. FSDP2: each is sharded (``shard``); ``fully_shard``
     moves each unit to the mesh's device as it shards it, so no model ever sits whole on one GPU.
     """
-    from .loading import load_base_model, load_causal_lm, load_tokenizer
-    from .config import PROXY_REWARD
-    from .offline import proxy_reward_model, warmed_up_model
-    from .rewards import load_reward
-
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
     attn = attn_implementation(cfg.attn)
     frozen_dtype = torch.bfloat16 if bf16 else torch.float32
@@ -323,15 +319,16 @@ def build_models(cfg, d, log) -> Models:
             return model.to(d.device, torch.bfloat16 if bf16 and trainable else None)
         return shard(model, d.mesh, mp if trainable else None)
 
-    path = str(d.main_first(lambda: warmed_up_model(cfg.cache_dir or None, log=log))) if cfg.model == "offline" else cfg.model
+    path = resolve_source(cfg.model, cfg, d, log)
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
     # the trainable policy keeps fp32 master weights; FSDP2's MixedPrecisionPolicy computes in bf16 on GPU
     lm = load_causal_lm(path, dtype=torch.float32, attn=attn, trust_remote_code=cfg.trust_remote_code)
     scale, softcap = head_transform(lm)
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
     lora = cfg.lora_rank > 0  # the base frozen whole (peft), adapters (and a value head) trained
-    policy = Policy(add_lora(lm, cfg, causal_lm=True) if lora else lm, value_head=cfg.critic == "shared",
-                    logit_scale=scale, lora=lora, softcap=softcap)
+    head = dict(logit_scale=scale, softcap=softcap, temperature=cfg.temperature, backend=cfg.kernel_backend)
+    policy = Policy(add_lora(lm, cfg, causal_lm=True) if lora else lm, value_head=cfg.critic == "shared", lora=lora,
+                    **head)
     if not lora:
         freeze_bottom(policy, cfg.unfrozen_layers)
     if cfg.fused_layers:
@@ -345,7 +342,7 @@ def build_models(cfg, d, log) -> Models:
         else:
             ref_lm = load_causal_lm(path, dtype=frozen_dtype, attn=attn, trust_remote_code=cfg.trust_remote_code,
                                     what="initial policy")
-            ref = place(Policy(ref_lm, logit_scale=scale, softcap=softcap).requires_grad_(False).eval())
+            ref = place(Policy(ref_lm, **head).requires_grad_(False).eval())
 
     critic = None
     if cfg.critic == "separate":  # the authors' separate critic: the SFT model's transformer + a scalar head
@@ -358,9 +355,7 @@ def build_models(cfg, d, log) -> Models:
         critic = place(critic, trainable=True)
 
     def reward(spec: str):
-        if spec == PROXY_REWARD:
-            spec = str(d.main_first(lambda: proxy_reward_model(cfg.cache_dir or None, log=log)))
-        r = load_reward(spec, policy_config=lm.config, tokenizer=tokenizer,
+        r = load_reward(resolve_source(spec, cfg, d, log), policy_config=lm.config, tokenizer=tokenizer,
                         device=d.device if d.mesh is None else torch.device("cpu"), dtype=frozen_dtype,
                         trust_remote_code=cfg.trust_remote_code, gptj_reward_at=cfg.gptj_reward_at)
         rm = getattr(r, "model", None)  # a reward model (not a function): sharded like the frozen policy

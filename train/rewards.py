@@ -24,14 +24,13 @@ initialisation of the 6B weights, non-persistent buffers set by transformers its
 
 from __future__ import annotations
 
-import importlib
 import math
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .loading import _first_line, check_model_source, hub_reachable, load_tokenizer
+from .loading import check_model_source, first_line, hub_reachable, import_object, load_tokenizer
 from .errors import LoadError
 
 
@@ -39,11 +38,7 @@ class FunctionReward:
     """``module:function`` taking ``(prompts, completions)`` and returning a list of numbers."""
 
     def __init__(self, spec: str):
-        mod, _, fn = spec.partition(":")
-        try:
-            self.fn = getattr(importlib.import_module(mod), fn)
-        except (ImportError, AttributeError) as e:
-            raise LoadError(f"cannot load reward function {spec!r}: {_first_line(e)}") from None
+        self.fn = import_object(spec, "reward function")
         self.name = spec
 
     def __call__(self, prompts: list[str], completions: list[str], messages: list | None = None) -> list[float]:
@@ -74,7 +69,7 @@ class HFRewardModel:
                 name, dtype=dtype, num_labels=1, trust_remote_code=trust_remote_code
             ).to(device).eval()
         except Exception as e:  # noqa: BLE001
-            raise LoadError(f"cannot load reward model {name!r} as sequence classification: {_first_line(e)}") from None
+            raise LoadError(f"cannot load reward model {name!r} as sequence classification: {first_line(e)}") from None
         try:
             self.tok = load_tokenizer(name, trust_remote_code=trust_remote_code, what="reward tokenizer")
         except LoadError as e:
@@ -169,7 +164,7 @@ def convert_gptj_reward_checkpoint(path: str | Path, config, *, dtype: torch.dty
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001
-        raise LoadError(f"cannot read reward checkpoint {str(path)!r} (torch.load, weights_only=True): {_first_line(e)}") from None
+        raise LoadError(f"cannot read reward checkpoint {str(path)!r} (torch.load, weights_only=True): {first_line(e)}") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     sd = {k.removeprefix("module.").removeprefix("model."): v for k, v in sd.items()}
@@ -185,7 +180,7 @@ def convert_gptj_reward_checkpoint(path: str | Path, config, *, dtype: torch.dty
         transformer, info = GPTJModel.from_pretrained(None, config=config, state_dict=body, dtype=dtype,
                                                       output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - e.g. a shape that does not fit this config
-        raise LoadError(f"{str(path)!r} does not fit a GPT-J of this config: {_first_line(e)}") from None
+        raise LoadError(f"{str(path)!r} does not fit a GPT-J of this config: {first_line(e)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = sorted(f"transformer.{k}" for k in info["missing_keys"])  # named as in the checkpoint
@@ -196,7 +191,7 @@ def convert_gptj_reward_checkpoint(path: str | Path, config, *, dtype: torch.dty
     try:
         v_head.load_state_dict({"weight": sd["v_head.weight"]})
     except RuntimeError as e:
-        raise LoadError(f"{str(path)!r} does not fit a GPT-J of this config: v_head.weight: {_first_line(e)}") from None
+        raise LoadError(f"{str(path)!r} does not fit a GPT-J of this config: v_head.weight: {first_line(e)}") from None
     return GPTJRewardModel(transformer, v_head, read_at).eval()
 
 

@@ -1,8 +1,8 @@
-"""``python -m train.compare``: APA, PPO and AWR on the same job, same seed and budget, on one figure.
+"""``python -m train.experiments.compare``: APA, PPO and AWR on the same job, same seed and budget, on one figure.
 
 Each algorithm runs as its own ``python -m train.run`` process (so each gets a fresh interpreter and
 the same RNG stream), one after the other; extra flags are passed to every run, e.g.
-``python -m train.compare --steps 100`` or ``python -m train.compare --model gptj`` (GPUs).
+``python -m train.experiments.compare --steps 100`` or ``python -m train.experiments.compare --model gptj`` (GPUs).
 Outputs: ``OUT/<algo>/`` run directories and ``OUT/compare.png`` (reward and KL against steps, the form
 of the paper's Figure 1), plus a short table on stdout.
 """
@@ -16,11 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from .metrics import plot_runs, read_metrics
+from ..metrics import plot_runs, read_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m train.experiments.compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/compare", help="directory for the three runs and compare.png")
     ap.add_argument("--algos", default="apa,ppo,awr", help="comma-separated algorithms to run")

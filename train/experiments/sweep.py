@@ -1,4 +1,4 @@
-"""``python -m train.sweep``: the reward-KL frontier (Gao et al. 2022): gold reward reached against KL spent.
+"""``python -m train.experiments.sweep``: the reward-KL frontier (Gao et al. 2022): gold reward reached against KL spent.
 
 A grid of algorithms x values of each one's KL knob x seeds, on the offline task with the learned proxy
 reward (``--reward-model offline-proxy``: trained on, over-optimisable) and the exact-sum checker as gold
@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .metrics import read_metrics, smooth
+from ..metrics import read_metrics, smooth
 
 # every arm: 64 sequences per iteration, minibatches of 32 sequences, 2 epochs (4 gradient steps)
 GAE = ("--batch-size", "64", "--minibatch-size", "32", "--epochs", "2")
@@ -239,7 +239,7 @@ def run_cmd(arm: Arm, value: float, seed: int, steps: int, run_dir: Path, extra:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m train.experiments.sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/sweep", help="sweep directory (runs, figures, results)")
     ap.add_argument("--quick", action="store_true", help=f"a reduced grid: {QUICK}")
@@ -338,7 +338,7 @@ def _run_all(todo: list[tuple], steps: int, out: Path, jobs: int, extra: list[st
     """Run the ``todo`` grid points ``(arm, knob value, seed, name)``, ``jobs`` at once; each marks itself
     ``DONE`` once it exits cleanly."""
     if todo:  # the warm-up and the proxy once, here, rather than raced for by the first runs
-        from .offline import proxy_reward_model
+        from ..tasks.offline import proxy_reward_model
 
         cache = extra[extra.index("--cache-dir") + 1] if "--cache-dir" in extra[:-1] else None
         proxy_reward_model(cache, log=lambda s: print(s, flush=True))

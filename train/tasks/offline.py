@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .sampling import position_ids_from_mask
+from ..config import DATA_DIR
+from ..sampling import position_ids_from_mask
 
-DATA_DIR = Path(__file__).parent / "data"
 CHARS = list("0123456789+=")
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 
