@@ -1,6 +1,6 @@
 """apa-fast: token log-probs, the APA loss and GAE without a full-vocabulary softmax.
 
-Public API (see DESIGN.md): ``token_logprobs``, ``apa_loss``, ``gae``, ``masked_whiten``,
+Public API (docs/design.md): ``token_logprobs``, ``apa_loss``, ``gae``, ``masked_whiten``,
 ``group_advantages``, ``awr_loss``, ``ppo_loss``, ``grpo_loss``, ``value_loss``, ``linear_token_logprobs``, ``linear_apa_loss``, and the
 fused engine every loss goes through: ``token_loss`` / ``linear_token_loss`` with a per-token loss from
 ``apa_fast.losses`` (``apa_token_loss``, ``ppo_token_loss``, ``awr_token_loss``, ...).

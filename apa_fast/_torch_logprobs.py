@@ -12,7 +12,7 @@ and used by both this backend and ``_torch_linear``:
 
 Each chunk goes through whole-chunk ATen ops (row-wise softmax / log_softmax are single fused passes):
 no (N, V) softmax, log-softmax or fp32 copy of the logits is ever built. The one full-size tensor is the
-gradient the caller keeps. Why the chunk sizes and the huge-page hint: see the README's benchmark notes.
+gradient the caller keeps. Why the chunk sizes and the huge-page hint: see docs/benchmarks.md, "Why the CPU backend looks the way it does".
 """
 
 from __future__ import annotations

@@ -215,7 +215,7 @@ def value_token_loss(returns: Tensor, mask: Tensor, *, old_values: Tensor | None
     return TokenLoss(value, {"returns": returns}, {}, m)
 
 
-# ---- the public losses on per-token log-probs (DESIGN.md names) -------------------------------------
+# ---- the public losses on per-token log-probs (docs/design.md, "The API contract") -------------------------------------
 
 
 def awr_loss(

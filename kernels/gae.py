@@ -1,7 +1,7 @@
 """Triton kernel: GAE with skip-mask semantics (the same ``gae_fwd`` as the torch backend's).
 
 One program owns BLOCK_B sequences and walks time backwards, carrying per sequence the value of
-the next valid step and the advantage of the next valid step (DESIGN.md, "GAE"):
+the next valid step and the advantage of the next valid step (docs/design.md, "GAE"):
 
     carry_v = last_values (default 0), carry_a = 0
     for t = T-1 .. 0:

@@ -31,7 +31,7 @@ merged by the same recurrence in PyTorch (N x splits numbers). Backward recomput
 twice (once per kernel): five matmul-equivalents in all, against four for a single kernel with
 atomic adds, bought for determinism.
 
-Kernel rules (DESIGN.md): row/column offsets in int64; vocab columns past V are -inf in the
+Kernel rules (docs/design.md): row/column offsets in int64; vocab columns past V are -inf in the
 forward and give p = 0 in backward; rows past N are masked; everything accumulates in fp32; each
 load is cast to fp32 right away except the two matmul operands, which stay in bf16/fp16 (tensor
 cores, fp32 accumulation); fp32 operands use ``input_precision="ieee"`` (no TF32) so that fp32 results match an

@@ -20,7 +20,7 @@ Backward recomputes p = exp(u - lse) block by block from the saved lse (no softm
 
 ``onehot - p`` is formed in fp32 and rounded once, on store, to the logits' dtype.
 
-Kernel rules (DESIGN.md, "kernel lessons"): one row per program on grid axis 0; the row offset
+Kernel rules (docs/design.md, "Kernel rules"): one row per program on grid axis 0; the row offset
 ``b * stride_b + t * stride_t`` in int64, so a shifted slice ``logits[:, :-1]`` is read in place;
 vocab columns past V load as -inf and the running max starts at -inf; everything accumulates in fp32
 (loads are cast right away); ``tau`` and ``ignore_index`` are constexpr; the label logit is loaded only when ``0 <= y < V``. A label outside

@@ -46,13 +46,13 @@ class Arm:
     knob: str  # a train.run flag without its dashes, e.g. "lam"
     values: tuple[float, ...]
     default: float  # the value drawn in curves.png
-    lr: float  # chosen by the learning-rate search (README: "The reward-KL frontier")
+    lr: float  # chosen by the learning-rate search (docs/experiments.md: "The reward-KL frontier")
 
 
 # Knob values, the same rule for every arm: its usual default (the APA paper's lambda, PPO's usual beta, GRPO's
 # DeepSeekMath beta, AWR's own lambda) and 3x, 10x, 30x more regularisation, toward the initial policy; where an
 # arm's best gold reward sat at an end of that range, one more 3x step beyond it (PPO: beta 3; AWR: lambda 0.3). The
-# learning rates are the winners of `--search-lr 3e-5,1e-4,3e-4,1e-3`: 1e-4 for every arm (README: "The
+# learning rates are the winners of `--search-lr 3e-5,1e-4,3e-4,1e-3`: 1e-4 for every arm (docs/experiments.md: "The
 # reward-KL frontier").
 ARMS: dict[str, Arm] = {
     "apa": Arm("APA (GAE, critic)", ("--algo", "apa", *GAE), "lam", (0.1, 0.3, 1.0, 3.0), 0.1, 1e-4),
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--search-lr", default="", metavar="LRS",
                     help="instead of the frontier: run each arm at its default knob with each of these comma-separated "
                          "learning rates (seed 100, not a frontier seed) and report the gold reward of each; the arms' "
-                         "lr values come from this search (README)")
+                         "lr values come from this search (docs/experiments.md)")
     args, extra = ap.parse_known_args(argv)
     preset = QUICK if args.quick else FULL
     arms = (args.arms or preset["arms"]).split(",")
