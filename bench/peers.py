@@ -24,7 +24,7 @@ How the settings map (TRL's ``GRPOConfig`` / ``train.run`` flags), read off TRL'
   ``gradient_accumulation_steps = 1``, ``steps_per_generation = P / M`` (so ``generation_batch_size = P * G``),
   ``num_iterations = E``; one iteration is ``E * P / M`` of the Trainer's optimizer steps. With one gradient
   step per epoch (``P = M``) apa-fast takes the behaviour policy's log-probs from the first training forward for
-  any ``E`` (the head's no-grad log-probs and entropy on that forward's hidden states, ``train.run.on_policy``);
+  any ``E`` (the head's no-grad log-probs and entropy on that forward's hidden states, ``train.experience.on_policy``);
   TRL does so only when ``E = 1`` (``old_per_token_logps`` = the detached training log-probs) and otherwise runs
   a separate no-grad forward, as apa-fast does with more than one step per epoch.
 - loss: the clipped surrogate (``epsilon`` 0.2 = ``--ppo-clip``) + ``beta`` x k3 to the initial policy

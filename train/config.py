@@ -137,6 +137,10 @@ class Config:
     keep_checkpoints: int = _f(2, "keep this many newest checkpoints")
     eval_every: int = _f(-1, "print and save sample completions every N iterations; -1: the preset's")
     eval_samples: int = _f(4, "completions shown at each evaluation")
+    eval_k: int = _f(0, "held-out accuracy: at each evaluation and before the first iteration, the evaluation reward "
+                     "(--gold-reward, else --reward-model; an accuracy for a 0/1 checker) of the greedy completion and "
+                     "of K completions sampled at --temperature for every --eval-dataset prompt, logged as eval_accuracy "
+                     "and eval_accuracy_sampled; 0: off")
     seed: int = _f(0, "seed of model init, data order and sampling")
     cache_dir: str = _f("", "where the offline warm-up is cached (default ~/.cache/apa-fast or $APA_FAST_CACHE)")
     threads: int = _f(-1, "torch CPU threads per process (0: torch's default; -1: the preset's, 1 for offline)")

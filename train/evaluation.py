@@ -55,6 +55,34 @@ def evaluate(m: Models, prompts: list[Prompt], cfg: Config, d: Dist, out: Path, 
             f.write(json.dumps({"step": step, "prompt": p, "completion": c, "reward": r}) + "\n")
 
 
+@torch.no_grad()
+def heldout_accuracy(m: Models, prompts: list[Prompt], cfg: Config, d: Dist) -> dict:
+    """The evaluation reward (``--gold-reward``, else ``--reward-model``; an accuracy for a 0/1 checker) averaged over
+    every held-out prompt: of the greedy completion (``eval_accuracy``) and of ``--eval-k`` completions sampled at the
+    run's temperature (``eval_accuracy_sampled``). Prompts are dealt to ranks round-robin, each rank padded to the same
+    count (FSDP needs the same forwards on all); the sampling runs on a forked RNG."""
+    reward = m.gold or m.reward
+    per = math.ceil(len(prompts) / d.world)
+    mine = [(prompts[i], 1.0) if i < len(prompts) else (prompts[0], 0.0) for i in range(d.rank, per * d.world, d.world)]
+    chunk = max(1, cfg.batch_size * cfg.samples_per_prompt // d.world)  # what a training rollout holds
+
+    def mean_reward(items: list[tuple[Prompt, float]], greedy: bool) -> tuple[float, float]:
+        total = n = 0.0
+        for i in range(0, len(items), chunk):
+            part = items[i : i + chunk]
+            ro = rollout(m, [p for p, _ in part], cfg, d, greedy=greedy)
+            for (_, w), r in zip(part, reward(ro.prompts, ro.completions, ro.messages)):
+                total, n = total + w * (r if math.isfinite(r) else 0.0), n + w
+        return total, n
+
+    devices = [d.device] if d.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        g_sum, g_n = mean_reward(mine, greedy=True)
+        s_sum, s_n = mean_reward([it for it in mine for _ in range(cfg.eval_k)], greedy=False)
+    g_sum, g_n, s_sum, s_n = d.sum(g_sum, g_n, s_sum, s_n)
+    return {"eval_accuracy": g_sum / max(g_n, 1.0), "eval_accuracy_sampled": s_sum / max(s_n, 1.0)}
+
+
 def summarize(metrics_file: Path, log) -> None:
     """The run's summary from its metrics: reward (and gold reward, KL) over the first and last 10% of iterations
     (as ``train.experiments.sweep`` reads a run) and the mean time of each phase."""
