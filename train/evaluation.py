@@ -95,6 +95,11 @@ def summarize(metrics_file: Path, log) -> None:
             if "gold_reward_mean" in rows[-1] else "")
     log(f"reward (mean of the first / last {k} iterations) {avg('reward_mean', rows[:k]):.3f} -> "
         f"{avg('reward_mean', rows[-k:]):.3f}; {gold}{kl}plot: {metrics_file.parent / 'plot.png'}")
+    acc = [r for r in rows if "eval_accuracy" in r]
+    if acc and "eval_accuracy_initial" in rows[0]:
+        log(f"held-out accuracy (greedy / mean over --eval-k samples): initial {rows[0]['eval_accuracy_initial']:.3f} / "
+            f"{rows[0]['eval_accuracy_sampled_initial']:.3f} -> step {acc[-1]['step']} {acc[-1]['eval_accuracy']:.3f} / "
+            f"{acc[-1]['eval_accuracy_sampled']:.3f}")
     phases = ("rollout", "score", "experience", "update", "checkpoint")
     mean = {ph: sum(r.get(f"time_{ph}", 0.0) for r in rows) / len(rows) for ph in phases}
     log("time per iteration (mean s): " + ", ".join(f"{ph} {mean[ph]:.3f}" for ph in phases)

@@ -115,13 +115,18 @@ def import_object(spec: str, what: str):
         raise LoadError(f"cannot load {what} {spec!r}: {first_line(e)}") from None
 
 
-def resolve_source(spec: str, cfg, d, log) -> str:
+def resolve_source(spec: str, cfg, d, log, gguf_file: str = "") -> str:
     """What the loaders read for a ``--model`` / ``--reward-model`` value: a model that a task builds and caches on
-    first use (``config.BUILT``; built on the main process first), or the value itself."""
-    if spec not in BUILT:
-        return spec
-    build = import_object(BUILT[spec], "the builder of")
-    return str(d.main_first(lambda: build(cfg.cache_dir or None, log=log)))
+    first use (``config.BUILT``), a GGUF file or preset dequantized once into a cached checkpoint (``train.gguf``),
+    or the value itself. Built and cached on the main process first."""
+    from . import gguf
+
+    if spec in BUILT:
+        build = import_object(BUILT[spec], "the builder of")
+        return str(d.main_first(lambda: build(cfg.cache_dir or None, log=log)))
+    if gguf.is_gguf_spec(spec, gguf_file):
+        return str(d.main_first(lambda: gguf.resolve_model(spec, gguf_file or None, cfg.cache_dir or None, log=log)))
+    return spec
 
 
 def first_line(e: BaseException) -> str:

@@ -319,7 +319,7 @@ def build_models(cfg, d, log) -> Models:
             return model.to(d.device, torch.bfloat16 if bf16 and trainable else None)
         return shard(model, d.mesh, mp if trainable else None)
 
-    path = resolve_source(cfg.model, cfg, d, log)
+    path = resolve_source(cfg.model, cfg, d, log, cfg.gguf_file)
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
     # the trainable policy keeps fp32 master weights; FSDP2's MixedPrecisionPolicy computes in bf16 on GPU
     lm = load_causal_lm(path, dtype=torch.float32, attn=attn, trust_remote_code=cfg.trust_remote_code)

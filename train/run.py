@@ -23,7 +23,7 @@ from .algos import lr_at, update
 from .config import Config, parse_args
 from .dist import setup_dist
 from .errors import LoadError
-from .evaluation import evaluate, logp_mismatch, summarize
+from .evaluation import evaluate, heldout_accuracy, logp_mismatch, summarize
 from .experience import iteration_metrics, make_experience
 from .metrics import plot_runs, read_metrics, release_freed_memory
 from .rollout import rollout, score
@@ -49,6 +49,9 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
     run = setup_run(cfg, d, log)
     cfg, m, p, opt = run.cfg, run.models, run.progress, run.opt
     done_here, t_ckpt = 0, 0.0
+    initial = {}  # the initial policy's held-out accuracy, logged with the first iteration
+    if cfg.eval_k and p.step == 0:
+        initial = {f"{k}_initial": v for k, v in heldout_accuracy(m, run.heldout, cfg, d).items()}
     while p.step < cfg.steps:
         t = [time.perf_counter()]  # phase boundaries: rollout | score | experience | update
         ro = rollout(m, [q for q in p.sampler.next() for _ in range(cfg.samples_per_prompt)], cfg, d)
@@ -74,7 +77,8 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
         release_freed_memory()  # the update's activations and gradients
         t.append(time.perf_counter())
 
-        row = {"step": p.step + 1, **iteration_metrics(exp, cfg, d), **stats}
+        row = {"step": p.step + 1, **iteration_metrics(exp, cfg, d), **stats, **initial}
+        initial = {}
         if gold is not None:  # the mean over the samples the gold reward could score (all ranks)
             ok = torch.isfinite(gold)
             total, n = d.sum(torch.where(ok, gold, 0.0).sum(), ok.sum())
@@ -91,6 +95,8 @@ def train(cfg: Config, argv: list[str] | None = None) -> int:
         if cfg.eval_every and (p.step % cfg.eval_every == 0 or p.step == cfg.steps):
             row["logp_mismatch"] = logp_mismatch(m, run.eval_prompts, cfg, d)
             evaluate(m, run.eval_prompts, cfg, d, run.out, p.step, run.show)
+            if cfg.eval_k:
+                row.update(heldout_accuracy(m, run.heldout, cfg, d))
         run.log_row(row, t[-1] - t[0])
 
         t_ckpt = 0.0

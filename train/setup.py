@@ -22,6 +22,7 @@ from .algos import KLController
 from .config import BUILT, Config
 from .dist import Dist
 from .errors import LoadError
+from .gguf import is_gguf_spec
 from .loading import Prompt, check_chat_prompts, check_model_source, load_prompts, load_tokenizer, resolve_source
 from .metrics import MetricsLog, peak_rss_gb
 from .models import Models, build_models
@@ -90,7 +91,8 @@ class Run:
     progress: Progress
     state: ckpt.TrainState
     out: Path
-    eval_prompts: list[Prompt]
+    eval_prompts: list[Prompt]  # the first --eval-samples, shown at each evaluation
+    heldout: list[Prompt]  # all of --eval-dataset (or --dataset): the held-out accuracy's prompts
     metrics: MetricsLog | None
     bar: object
 
@@ -129,7 +131,7 @@ def setup_run(cfg: Config, d: Dist, log) -> Run:
     if not cfg.resume and (out / "checkpoints").exists():
         raise LoadError(f"{out} already holds a run with checkpoints; continue it with --resume {out} or pick another --out")
     torch.manual_seed(cfg.seed)
-    if cfg.model not in BUILT:
+    if cfg.model not in BUILT and not is_gguf_spec(cfg.model, cfg.gguf_file):
         gptj = cfg.model == "Dahoas/gptj-sft-static"
         check_model_source(cfg.model, "policy", " (about 24 GB; the GPT-J setup also needs `huggingface-cli download "
                            "Dahoas/gptj-rm-static hf_ckpt.pt` and `huggingface-cli download --repo-type dataset "
@@ -137,7 +139,7 @@ def setup_run(cfg: Config, d: Dist, log) -> Run:
     prompts = load_prompts(cfg.dataset, cfg.dataset_split, cfg.prompt_column)
     eval_prompts = load_prompts(cfg.eval_dataset, "train", cfg.prompt_column) if cfg.eval_dataset else prompts
     if any(not isinstance(q, str) for q in prompts):  # chats need the policy tokenizer's template: checked first
-        tok = load_tokenizer(resolve_source(cfg.model, cfg, d, log), trust_remote_code=cfg.trust_remote_code)
+        tok = load_tokenizer(resolve_source(cfg.model, cfg, d, log, cfg.gguf_file), trust_remote_code=cfg.trust_remote_code)
         check_chat_prompts(prompts, tok, cfg.model, cfg.prompt_column)
     m = build_models(cfg, d, log)
     cfg = dataclasses.replace(cfg, out=str(out), max_prompt_len=fit_positions(cfg, m, log))
@@ -171,7 +173,7 @@ def setup_run(cfg: Config, d: Dist, log) -> Run:
 
             bar = tqdm(total=cfg.steps, initial=progress.step, desc=cfg.algo, dynamic_ncols=True)
     metrics = MetricsLog(out, resumed_from, cfg.tensorboard) if d.main else None
-    return Run(cfg, m, opt, params, progress, state, out, eval_prompts[: cfg.eval_samples], metrics, bar)
+    return Run(cfg, m, opt, params, progress, state, out, eval_prompts[: cfg.eval_samples], eval_prompts, metrics, bar)
 
 
 def check_flags(cfg: Config, d: Dist) -> None:

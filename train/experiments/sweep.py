@@ -18,19 +18,15 @@ policy). Across seeds: the mean and a 95% Student-t interval, mean +- t(0.975, n
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..metrics import read_metrics, smooth
+from .jobs import run_jobs
 
 # every arm: 64 sequences per iteration, minibatches of 32 sequences, 2 epochs (4 gradient steps)
 GAE = ("--batch-size", "64", "--minibatch-size", "32", "--epochs", "2")
@@ -219,23 +215,11 @@ def plot_curves(curves: dict[str, list[list[dict]]], png: Path) -> None:
     plt.close(fig)
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL when the sweep dies, so a killed sweep leaves no run writing behind it."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def run_cmd(arm: Arm, value: float, seed: int, steps: int, run_dir: Path, extra: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "train.run", *arm.flags, f"--{arm.knob.replace('_', '-')}", f"{value:g}",
+def run_cmd(arm: Arm, value: float, seed: int, steps: int, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "train.run", *arm.flags, f"--{arm.knob.replace('_', '-')}", f"{value:g}",
            "--lr", f"{arm.lr:g}", "--lr-schedule", "constant",  # as the learning-rate search and the figures ran
            "--seed", str(seed), "--steps", str(steps), "--reward-model", "offline-proxy",
-           "--out", str(run_dir), "--no-plot", "--no-export", "--no-progress", "--no-tensorboard",
-           "--eval-every", "0", *extra]
-    if (run_dir / "checkpoints").exists():
-        cmd += ["--resume", str(run_dir)]
-    return cmd
+           "--no-plot", "--no-export", "--no-progress", "--no-tensorboard", "--eval-every", "0", *extra]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,35 +326,8 @@ def _run_all(todo: list[tuple], steps: int, out: Path, jobs: int, extra: list[st
 
         cache = extra[extra.index("--cache-dir") + 1] if "--cache-dir" in extra[:-1] else None
         proxy_reward_model(cache, log=lambda s: print(s, flush=True))
-    pending, live, failed = list(todo), {}, []
-    t0 = time.time()
-    try:
-        while pending or live:
-            while pending and len(live) < jobs:
-                arm, v, s, name = pending.pop(0)
-                d = out / "runs" / name
-                if d.exists() and not (d / "checkpoints").exists():
-                    shutil.rmtree(d)  # killed before its first checkpoint: start it afresh
-                d.mkdir(parents=True, exist_ok=True)
-                log = open(d / "log.txt", "a")
-                p = subprocess.Popen(run_cmd(arm, v, s, steps, d, extra), stdout=log, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent)
-                live[p] = (d, log, time.time())
-            time.sleep(0.5)
-            for p in [p for p in live if p.poll() is not None]:
-                d, log, ts = live.pop(p)
-                log.close()
-                if p.returncode == 0:
-                    (d / "DONE").write_text(json.dumps({"seconds": time.time() - ts}) + "\n")
-                    print(f"  done {d.name} in {time.time() - ts:.0f}s ({len(pending) + len(live)} left, "
-                          f"{time.time() - t0:.0f}s elapsed)", flush=True)
-                else:
-                    failed.append(d.name)
-                    print(f"  FAILED {d.name} (exit {p.returncode}; {d / 'log.txt'})", flush=True)
-    finally:
-        for p in live:
-            p.kill()
-    return failed
+    return run_jobs([(out / "runs" / name, run_cmd(arm, v, s, steps, extra))
+                     for arm, v, s, name in todo], jobs)
 
 
 def report(runs: list[dict], out: Path, settings: dict) -> None:
