@@ -101,6 +101,16 @@ def resolve_model(spec: str, gguf_file: str | None = None, cache_dir: str | Path
     return str(_cached_conversion(path, digest, path.stem, cache, log))
 
 
+def smollm2_135m_instruct(cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> str:
+    """The cached directory of the ``smollm2-135m-instruct`` preset (``function(cache_dir, log=...)`` form)."""
+    return resolve_model("smollm2-135m-instruct", None, cache_dir, log)
+
+
+def gemma3_270m(cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> str:
+    """The cached directory of the ``gemma3-270m`` preset (``function(cache_dir, log=...)`` form)."""
+    return resolve_model("gemma3-270m", None, cache_dir, log)
+
+
 def _need_gguf(what: str) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise LoadError(f"{what} is a GGUF model, and reading GGUF files needs the gguf package: {GGUF_PIP} (or "
