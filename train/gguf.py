@@ -167,6 +167,7 @@ def _cached_conversion(source: Path | Callable[[Path], Path], digest: str, name:
     if (out / "DONE").exists() and (out / "config.json").exists():
         return out
     cache.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(cache, out.name)
     tmp = cache / f".{out.name}.tmp{os.getpid()}"
     scratch = cache / f".{out.name}.src{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -190,6 +191,21 @@ def _cached_conversion(source: Path | Callable[[Path], Path], digest: str, name:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
     return out
+
+
+def _remove_orphans(cache: Path, name: str) -> None:
+    """Delete the scratch directories of conversions of ``name`` whose process is gone (killed mid-way): each holds
+    up to a model's size in fp32."""
+    for p in cache.glob(f".{name}.*"):
+        pid = p.name.rsplit(".", 1)[-1].removeprefix("tmp").removeprefix("src")
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except OSError:  # alive under another user: leave it
+            pass
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> None:
