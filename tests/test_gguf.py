@@ -168,3 +168,34 @@ def test_trainer_trains_the_cached_gguf_model(tiny, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["reward_nan"] == 0 for r in rows)
+
+
+def test_killed_conversion_leaves_no_half_cache(tiny, tmp_path):
+    """A process killed (SIGKILL) after writing its weights but before the rename: no cache entry is served, and
+    the next conversion removes the dead process's scratch directory."""
+    import signal
+    import subprocess
+
+    path = tiny[0]
+    cache = tmp_path / "cache"
+    code = ("import time, train.gguf as G\n"
+            "real = G.convert_gguf\n"
+            "def slow(src, out):\n"
+            "    real(src, out)\n"
+            "    print('written', flush=True)\n"
+            "    time.sleep(600)\n"
+            "G.convert_gguf = slow\n"
+            f"G.resolve_model({str(path)!r}, cache_dir={str(cache)!r}, log=lambda s: None)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "written"
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    left = sorted(x.name for x in cache.iterdir())
+    assert not [n for n in left if n.startswith("gguf-") and n != "gguf-hashes.json"], left  # nothing served
+    assert any(".tmp" in n for n in left), left  # the dead process's scratch, with its weights
+    out = G.resolve_model(str(path), cache_dir=str(cache), log=lambda s: None)
+    assert os.path.exists(os.path.join(out, "DONE"))
+    assert sorted(x.name for x in cache.iterdir()) == sorted(["gguf-hashes.json", os.path.basename(out)])

@@ -101,6 +101,16 @@ def resolve_model(spec: str, gguf_file: str | None = None, cache_dir: str | Path
     return str(_cached_conversion(path, digest, path.stem, cache, log))
 
 
+def smollm2_135m_instruct(cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> str:
+    """The cached directory of the ``smollm2-135m-instruct`` preset (``function(cache_dir, log=...)`` form)."""
+    return resolve_model("smollm2-135m-instruct", None, cache_dir, log)
+
+
+def gemma3_270m(cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> str:
+    """The cached directory of the ``gemma3-270m`` preset (``function(cache_dir, log=...)`` form)."""
+    return resolve_model("gemma3-270m", None, cache_dir, log)
+
+
 def _need_gguf(what: str) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise LoadError(f"{what} is a GGUF model, and reading GGUF files needs the gguf package: {GGUF_PIP} (or "
@@ -157,6 +167,7 @@ def _cached_conversion(source: Path | Callable[[Path], Path], digest: str, name:
     if (out / "DONE").exists() and (out / "config.json").exists():
         return out
     cache.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(cache, out.name)
     tmp = cache / f".{out.name}.tmp{os.getpid()}"
     scratch = cache / f".{out.name}.src{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -180,6 +191,21 @@ def _cached_conversion(source: Path | Callable[[Path], Path], digest: str, name:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
     return out
+
+
+def _remove_orphans(cache: Path, name: str) -> None:
+    """Delete the scratch directories of conversions of ``name`` whose process is gone (killed mid-way): each holds
+    up to a model's size in fp32."""
+    for p in cache.glob(f".{name}.*"):
+        pid = p.name.rsplit(".", 1)[-1].removeprefix("tmp").removeprefix("src")
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except OSError:  # alive under another user: leave it
+            pass
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> None:
