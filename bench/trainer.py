@@ -29,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 
+from train import config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATHS = ("auto", "torch", "eager")
 
@@ -73,7 +75,7 @@ def padded_vocab_model(vocab: int) -> str:
     from train.tasks import offline
 
     src = offline.warmed_up_model()
-    dst = offline.default_cache_dir() / f"{src.name}-vocab{vocab}"
+    dst = config.default_cache_dir() / f"{src.name}-vocab{vocab}"
     if (dst / "DONE").exists():
         return str(dst)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -97,7 +99,7 @@ def _random_160m_model(name: str, vocab: int, make) -> str:
     locally by ``make(tokenizer) -> model`` under the cache's ``name`` and cached; returns its dir."""
     from train.tasks import offline
 
-    dst = offline.default_cache_dir() / name
+    dst = config.default_cache_dir() / name
     if (dst / "DONE").exists():
         return str(dst)
     import torch
@@ -181,7 +183,6 @@ def lora_memory(steps: int = 2, rank: int = 8) -> list[str]:
 
 def offline_task_flags(model_dir: str) -> list[str]:
     """The offline preset's settings, for a policy given by path (which would get the HF preset)."""
-    from train import config
     from train.tasks import offline
 
     p = config.PRESETS["offline"]

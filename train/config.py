@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 
 DATA_DIR = Path(__file__).parent / "data"  # the prompt sets shipped with the package
+
+
+def default_cache_dir() -> Path:
+    """Where built models are cached without ``--cache-dir``: ``$APA_FAST_CACHE`` or ``~/.cache/apa-fast``."""
+    return Path(os.environ.get("APA_FAST_CACHE", Path.home() / ".cache" / "apa-fast"))
+
 PROXY_REWARD = "offline-proxy"  # --reward-model: the offline task's learned reward model (train.tasks.offline)
 # --model / --reward-model names of models that a task builds and caches on first use: "module:function", called as
 # function(cache_dir, log=...) -> the directory to load (named here, as strings, so that no generic module imports a task)

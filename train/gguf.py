@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import default_cache_dir
 from .errors import LoadError
 
 CONVERSION_VERSION = 1  # bump when the cached layout or the conversion changes: old caches are then not reused
@@ -60,10 +61,6 @@ PRESETS: dict[str, Preset] = {
         note="Gemma 3 270M base, Q4_K_M, under Google's Gemma terms; reassembled from four chunk packages"),
 }
 
-
-def default_cache_dir() -> Path:
-    """``$APA_FAST_CACHE`` or ``~/.cache/apa-fast``: the offline warm-up's cache directory."""
-    return Path(os.environ.get("APA_FAST_CACHE", Path.home() / ".cache" / "apa-fast"))
 
 
 def is_gguf_spec(spec: str, gguf_file: str | None = None) -> bool:
@@ -99,16 +96,6 @@ def resolve_model(spec: str, gguf_file: str | None = None, cache_dir: str | Path
     _need_gguf(what)
     digest = _file_sha256(path, cache)
     return str(_cached_conversion(path, digest, path.stem, cache, log))
-
-
-def smollm2_135m_instruct(cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> str:
-    """The cached directory of the ``smollm2-135m-instruct`` preset (``function(cache_dir, log=...)`` form)."""
-    return resolve_model("smollm2-135m-instruct", None, cache_dir, log)
-
-
-def gemma3_270m(cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> str:
-    """The cached directory of the ``gemma3-270m`` preset (``function(cache_dir, log=...)`` form)."""
-    return resolve_model("gemma3-270m", None, cache_dir, log)
 
 
 def _need_gguf(what: str) -> None:

@@ -17,9 +17,9 @@ operand pair of it is in the train file), written by ``train/data/make_chat_sums
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+from ..config import DATA_DIR
+
 TRAIN_FILE = DATA_DIR / "chat_sums_train.jsonl"
 EVAL_FILE = DATA_DIR / "chat_sums_eval.jsonl"
 PROMPT_COLUMN = "messages"

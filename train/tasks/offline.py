@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DATA_DIR
+from ..config import DATA_DIR, default_cache_dir
 from ..sampling import position_ids_from_mask
 
 CHARS = list("0123456789+=")
@@ -82,10 +82,6 @@ def _recipe_key(recipe: WarmupRecipe) -> str:
     h = hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True).encode())
     h.update((DATA_DIR / "arith_demos.jsonl").read_bytes())
     return h.hexdigest()[:12]
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("APA_FAST_CACHE", Path.home() / ".cache" / "apa-fast"))
 
 
 def warmed_up_model(cache_dir: str | Path | None = None, recipe: WarmupRecipe = WarmupRecipe(), log=print) -> Path:
