@@ -149,9 +149,9 @@ class Run:
 
 def setup_run(cfg: Config, d: Dist, log) -> Run:
     """Checks, prompts, models, optimiser and state (resumed when asked); the run directory."""
+    check_flags(cfg, d)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    check_flags(cfg, d)
     out = Path(cfg.out or f"runs/{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
     lock = lock_run_dir(out, d, resume=bool(cfg.resume))  # --out writable, and no other live trainer in it
     try:
