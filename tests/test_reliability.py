@@ -191,7 +191,7 @@ def test_an_export_that_fails_keeps_the_last_step_and_resume_exports(tiny, tmp_p
 
 def test_one_run_per_directory(tiny, tmp_path):
     out = tmp_path / "run"
-    args = _args(tiny, out, "slow_reward", "--steps", "40", "--save-every", "2")
+    args = _args(tiny, out, "slow_reward", "--steps", "1000", "--save-every", "2")  # stopped below
     proc = _start(args)
     _wait_rows(out, 1, proc)
     p = run_trainer(args)
@@ -332,3 +332,40 @@ def test_samples_are_strict_json_with_null_for_a_reward_that_is_not_a_number(tin
 
     rows = [json.loads(ln, parse_constant=no_nan) for ln in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["reward"] for r in rows] == [1.0, None, 1.0, None]
+
+
+def _worker_pid(launcher: int, rank: int, timeout: float = 60) -> int:
+    """The pid of torchrun's worker of ``rank`` (a child of the launcher with RANK=rank in its environment)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        kids = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+        for k in kids:
+            try:
+                if f"RANK={rank}".encode() in Path(f"/proc/{k}/environ").read_bytes().split(b"\0"):
+                    return int(k)
+            except OSError:
+                continue
+        time.sleep(0.05)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def test_two_ranks_stop_together_when_one_is_signalled(tiny, tmp_path):
+    """torchrun, 2 processes: SIGTERM to rank 1 alone. At the iteration boundary the flag is all-reduced, both ranks
+    write the same last checkpoint and stop; rank 0 prints the line. The run then resumes on 2 processes."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train.run",
+           *_args(tiny, out, "slow_reward", "--steps", "40", "--save-every", "100")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_rows(out, 1, proc, timeout=120)
+    os.kill(_worker_pid(proc.pid, 1), signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    m = re.search(rf"^stopped by SIGTERM after iteration (\d+) of 40: saved {out}/checkpoints/step_(\d+); continue "
+                  rf"with --resume {out}$", err, re.M)
+    assert m and m.group(1) == str(int(m.group(2))), err[-3000:]
+    k = int(m.group(1))
+    assert "SIGTERM: finishing" not in err  # rank 1 received it, and only rank 0 speaks
+    assert _steps(out) == [f"step_{k:06d}"] and len(metric_rows(out)) == k
+    _no_tmp(out)
+    p = run_trainer(["--resume", str(out), "--steps", str(k + 1)], nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resumed from {out}/checkpoints/step_{k:06d}" in p.stdout and len(metric_rows(out)) == k + 1

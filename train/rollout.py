@@ -29,7 +29,7 @@ def rollout(m: Models, prompts: list[Prompt], cfg: Config, d: Dist, greedy: bool
     enc = tok(texts, padding=True, truncation=True, max_length=cfg.max_prompt_len, return_tensors="pt",
               add_special_tokens=not chat).to(d.device)
     # an over-long prompt is cut from the left: the reward gets it as the policy saw it (the kept tokens, decoded)
-    full = tok(texts, add_special_tokens=not chat)["input_ids"]
+    full = tok(texts, add_special_tokens=not chat, verbose=False)["input_ids"]
     cut = [i for i, ids in enumerate(full) if len(ids) > cfg.max_prompt_len]
     for i in cut:
         kept = enc["input_ids"][i][enc["attention_mask"][i].bool()]
