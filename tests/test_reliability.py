@@ -369,3 +369,19 @@ def test_two_ranks_stop_together_when_one_is_signalled(tiny, tmp_path):
     p = run_trainer(["--resume", str(out), "--steps", str(k + 1)], nproc=2)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resumed from {out}/checkpoints/step_{k:06d}" in p.stdout and len(metric_rows(out)) == k + 1
+
+
+def test_a_signal_while_loading_ends_at_once_in_one_line():
+    """Before the first iteration there is nothing to save: the handler ends the run at once (here: this process
+    signals itself while a Signals is installed, as during setup_run)."""
+    from train.stopping import Signals, Stopped
+
+    sig = Signals()
+    try:
+        with pytest.raises(Stopped) as e:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    finally:
+        sig.restore()
+    assert (e.value.line, e.value.code) == ("stopped by SIGTERM before the first iteration; nothing was trained or saved",
+                                            143)

@@ -19,11 +19,23 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import time
 import traceback
 
-import torch
+
+def _stop_while_starting(signum: int, frame) -> None:
+    os.write(2, f"stopped by {signal.Signals(signum).name} while starting; nothing was trained or saved\n".encode())
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":  # a signal during the imports below: one line, not an import traceback
+    for _s in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(_s) is not signal.SIG_IGN:
+            signal.signal(_s, _stop_while_starting)
+
+import torch  # noqa: E402
 
 from . import checkpoint as ckpt
 from .algos import lr_at, update

@@ -43,7 +43,8 @@ class Signals:
         self.main = main
         self.where = ""  # what a second signal leaves behind, for its line
         self.iteration = 0
-        self._old = {s: signal.signal(s, self._handle) for s in NAMES}
+        # a signal the parent ignores (SIGINT of a background job, nohup) stays ignored, as Python itself does
+        self._old = {s: signal.signal(s, self._handle) for s in NAMES if signal.getsignal(s) is not signal.SIG_IGN}
 
     def _handle(self, signum: int, frame) -> None:
         name = NAMES.get(signum, str(signum))
