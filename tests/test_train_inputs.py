@@ -345,3 +345,116 @@ def test_tied_head_trains_and_exports_tied(tmp_path, capsys):
     assert lm.lm_head.weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
     init = AutoModelForCausalLM.from_pretrained(path)
     assert not torch.equal(lm.lm_head.weight, init.lm_head.weight)  # trained, through the tie
+
+
+# ---------------------------------------------------------------- every numeric flag: one line, before any model
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (("--steps", "0"), "--steps must be >= 1, got 0"),
+    (("--steps", "-1"), "--steps must be >= 1, got -1"),  # no longer "the preset's"
+    (("--batch-size", "0"), "--batch-size must be >= 1, got 0"),
+    (("--minibatch-size", "0"), "--minibatch-size must be >= 1, got 0"),
+    (("--epochs", "0"), "--epochs must be >= 1, got 0"),
+    (("--micro-batch-tokens", "-2"), "--micro-batch-tokens must be >= 0 (0: one pass; -1: auto), got -2"),
+    (("--lr", "-1"), "--lr must be a positive number, got -1.0"),
+    (("--lr", "inf"), "--lr must be a positive number, got inf"),
+    (("--lam", "-1"), "--lam must be a positive number, got -1.0"),
+    (("--lam", "0"), "--lam must be a positive number, got 0.0"),
+    (("--weight-decay", "-0.1"), "--weight-decay must be >= 0, got -0.1"),
+    (("--max-grad-norm", "nan"), "--max-grad-norm must be >= 0 (0: off), got nan"),
+    (("--gamma", "1.5"), "--gamma must be in [0, 1], got 1.5"),
+    (("--gae-lam", "-0.1"), "--gae-lam must be in [0, 1], got -0.1"),
+    (("--vf-coef", "-1"), "--vf-coef must be >= 0, got -1.0"),
+    (("--ppo-clip", "0"), "--ppo-clip must be a positive number, got 0.0"),
+    (("--value-clip", "0"), "--value-clip must be a positive number, got 0.0"),
+    (("--kl-init", "-1"), "--kl-init must be >= 0, got -1.0"),
+    (("--kl-target", "-1"), "--kl-target must be >= 0 (0: a fixed beta of --kl-init), got -1.0"),
+    (("--kl-horizon", "0"), "--kl-horizon must be a positive number, got 0.0"),
+    (("--kl-coef", "-0.1"), "--kl-coef must be >= 0, got -0.1"),
+    (("--awr-max-weight", "-1"), "--awr-max-weight must be >= 0 (0: no clamp), got -1.0"),
+    (("--reward-clip", "-1"), "--reward-clip must be >= 0 (0: off), got -1.0"),
+    (("--reward-timeout", "-5"), "--reward-timeout must be >= 0 seconds (0: no limit), got -5.0"),
+    (("--max-new-tokens", "0"), "--max-new-tokens must be >= 1, got 0"),
+    (("--min-new-tokens", "-1"), "--min-new-tokens must be >= 0 (0: off), got -1"),
+    (("--max-prompt-len", "0"), "--max-prompt-len must be >= 1, got 0"),
+    (("--temperature", "0"), "--temperature must be a positive number, got 0.0"),
+    (("--temperature", "-1"), "--temperature must be a positive number, got -1.0"),
+    (("--top-k", "-3"), "--top-k must be >= 0 (0: off), got -3"),
+    (("--top-p", "0"), "--top-p must be in (0, 1] (1: off), got 0.0"),
+    (("--top-p", "1.5"), "--top-p must be in (0, 1] (1: off), got 1.5"),
+    (("--unfrozen-layers", "-2"), "--unfrozen-layers must be >= 0, or -1 (all), got -2"),
+    (("--lora-rank", "-1"), "--lora-rank must be >= 1 for LoRA (or 0: off, full fine-tuning), got -1"),
+    (("--save-every", "-1"), "--save-every must be >= 0 (0: only at the end), got -1"),
+    (("--keep-checkpoints", "0"), "--keep-checkpoints must be >= 1 (the one just written is kept), got 0"),
+    (("--eval-every", "-1"), "--eval-every must be >= 0 (0: never), got -1"),
+    (("--eval-samples", "-1"), "--eval-samples must be >= 0, got -1"),
+    (("--threads", "-1"), "--threads must be >= 0 (0: torch's default), got -1"),
+    (("--stop-after", "-1"), "--stop-after must be >= 0 (0: off), got -1"),
+    (("--seed", "-1"), "--seed must be >= 0, got -1"),
+    (("--batch-size", "x"), "argument --batch-size: invalid int value: 'x' (python -m train.run --help lists the flags)"),
+    (("--no-such-flag",), "unrecognized arguments: --no-such-flag (python -m train.run --help lists the flags)"),
+])
+def test_every_bad_number_is_one_line_before_any_model(tiny, tmp_path, capsys, flags, expect):
+    out = tmp_path / "out"
+    args = tiny_args(tiny, out, *flags)
+    if flags[0] == "--no-such-flag" or flags[1] == "x":
+        with pytest.raises(SystemExit) as e:
+            parse_args(args)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {expect}\n"
+        return
+    assert _main_error(args, capsys) == f"error: {expect}"
+    assert not out.exists()  # refused before the run directory, let alone a model
+
+
+def test_an_unwritable_out_is_refused_first(tiny, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "run"
+    line = _main_error(tiny_args(tiny, out), capsys)
+    assert line == f"error: --out {out}: cannot create or write the run directory (Not a directory)"
+
+
+@pytest.mark.parametrize("content,expect", [
+    (b"", "no rows (the file is empty); it needs one prompt per line"),
+    (b"\n  \n\n", "no rows (only blank lines); it needs one prompt per line"),
+    (b'{"prompt": "1+2="}\n{"prompt": "3+\xff4="}\n', "line 2 is not UTF-8 text (byte 0xff at column 15); save the "
+                                                      "file as UTF-8"),
+])
+@pytest.mark.parametrize("ext", ["jsonl", "csv"])
+def test_empty_and_undecodable_datasets_are_named(tiny, tmp_path, capsys, content, expect, ext):
+    f = tmp_path / f"data.{ext}"
+    f.write_bytes(content.replace(b'{"prompt": ', b"").replace(b"}", b"") if ext == "csv" and content else content)
+    if ext == "csv" and b"\xff" in content:
+        expect = "line 2 is not UTF-8 text (byte 0xff at column 4); save the file as UTF-8"
+    args = tiny_args(tiny, tmp_path / "out")
+    args[args.index("--dataset") + 1] = str(f)
+    assert _main_error(args, capsys) == f"error: {f}: {expect}"
+
+
+def _saved_run(tiny: Path, out: Path) -> Path:
+    import dataclasses
+
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg_for(tiny, out, "--steps", "4"))))
+    return out
+
+
+def test_resume_refuses_flags_that_change_the_run(tiny, tmp_path, capsys):
+    out = _saved_run(tiny, tmp_path / "run")
+    line = _main_error(["--resume", str(out), "--algo", "ppo", "--lr", "0.5", "--batch-size", "8", "--out",
+                        str(tmp_path / "other")], capsys)
+    assert line.startswith(f"error: --resume {out}: --out {tmp_path / 'other'} (a resumed run writes into --resume "
+                           f"{out}); --algo ppo (saved: apa); --lr 0.5 (saved: 0.001): a resumed run keeps the "
+                           "settings it started with; only --steps, --stop-after, --save-every,"), line
+    assert "--batch-size" not in line.split(":")[2]  # the same value as saved: not a change
+
+
+def test_resume_applies_the_flags_that_may_change(tiny, tmp_path):
+    out = _saved_run(tiny, tmp_path / "run")
+    argv = ["--resume", str(out), "--steps", "9", "--save-every", "3", "--no-plot", "--reward-timeout", "5",
+            "--lr", "1e-3"]
+    cfg = S.resume_config(parse_args(argv), argv)
+    assert (cfg.steps, cfg.save_every, cfg.plot, cfg.reward_timeout, cfg.lr, cfg.out) == (9, 3, False, 5.0, 1e-3, str(out))
+    assert cfg.batch_size == 8 and cfg.max_new_tokens == 4  # the saved ones, not the preset's

@@ -130,6 +130,60 @@ def all_nan_reward(prompts, completions, **_):
     return [float("nan")] * len(completions)
 
 
+_CALLS = {"n": 0}
+
+
+def third_call_raises(prompts, completions, **_):
+    """digit_reward, except that its third call raises (iteration 3 of a run without evaluations)."""
+    _CALLS["n"] += 1
+    if _CALLS["n"] == 3:
+        raise ValueError("reward server unreachable")
+    return digit_reward(prompts, completions)
+
+
+def third_call_hangs(prompts, completions, **_):
+    """digit_reward, except that its third call never returns (in any useful time)."""
+    import time
+
+    _CALLS["n"] += 1
+    if _CALLS["n"] == 3:
+        time.sleep(3600)
+    return digit_reward(prompts, completions)
+
+
+def column_reward(prompts, completions, **_):
+    """digit_reward as an (N, 1) numpy array, the shape a batched model head gives."""
+    import numpy as np
+
+    return np.array(digit_reward(prompts, completions), dtype=np.float32)[:, None]
+
+
+def nested_reward(prompts, completions, **_):
+    """digit_reward as a list of one-element lists."""
+    return [[r] for r in digit_reward(prompts, completions)]
+
+
+def none_reward(prompts, completions, **_):
+    return None
+
+
+def scalar_reward(prompts, completions, **_):
+    return 0.5
+
+
+def dict_reward(prompts, completions, **_):
+    return {"scores": digit_reward(prompts, completions)}
+
+
+def pair_reward(prompts, completions, **_):
+    """Two columns per sample: refused, never read as 2N scores."""
+    return torch.ones(len(completions), 2)
+
+
+def short_reward(prompts, completions, **_):
+    return digit_reward(prompts, completions)[:-1]
+
+
 def policy_loss(m, b, cfg):
     """The algorithm's policy loss on experience ``b`` as the update forms it (fused from hidden states)."""
     import apa_fast
@@ -338,3 +392,20 @@ def write_chats(path: Path, column: str = "messages") -> Path:
 
     Path(path).write_text("".join(json.dumps({column: c}) + "\n" for c in CHATS))
     return Path(path)
+
+
+def slow_reward(prompts, completions, **_):
+    """digit_reward, 0.25 s per call: a run that lasts long enough to be signalled or raced."""
+    import time
+
+    time.sleep(0.25)
+    return digit_reward(prompts, completions)
+
+
+SEEN: list[str] = []  # the prompts recording_reward was given (in-process runs)
+
+
+def recording_reward(prompts, completions, **_):
+    """digit_reward, keeping the prompts it is given in SEEN."""
+    SEEN.extend(prompts)
+    return digit_reward(prompts, completions)

@@ -4,7 +4,9 @@ Layout of ``OUT/checkpoints``: ``step_000020/`` (a complete DCP checkpoint with 
 ``latest`` (a text file naming the newest complete one). A checkpoint is first written to
 ``step_000020.tmp-<pid>/``; only after every rank has finished and rank 0 has written ``COMPLETE`` is
 it renamed to its final name and ``latest`` replaced (``os.replace``). A crash mid-write leaves a
-``.tmp-*`` directory that nothing ever loads.
+``.tmp-*`` directory that nothing ever loads (the next run in that directory removes it). A failed write (a full
+disk) is removed at once and reported (``SaveError``); a checkpoint that cannot be read is reported (``LoadFailed``)
+and the trainer falls back to the one before it.
 
 What is saved (``TrainState``, a DCP ``Stateful``): the trainable models (policy, critic), the optimizer,
 the trainer's progress (step, data position, KL controller, reward scaler) and every rank's RNG states.
@@ -12,6 +14,7 @@ the trainer's progress (step, data position, KL controller, reward scaler) and e
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import warnings
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -71,8 +75,47 @@ class TrainState(Stateful):
             set_rng_state(mine)
 
 
+class SaveError(RuntimeError):
+    """A checkpoint that could not be written; its partial write is removed, the earlier checkpoints are kept."""
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    """``e``, the per-rank exceptions a DCP ``CheckpointException`` wraps, and their causes."""
+    out, todo = [], [e]
+    while todo:
+        x = todo.pop()
+        if x is None or x in out:
+            continue
+        out.append(x)
+        for v in (getattr(x, "failures", None) or {}).values():  # CheckpointException: rank -> (exc, frames)
+            todo.append(v[0] if isinstance(v, tuple) else getattr(v, "exception", v))
+        todo += [x.__cause__, x.__context__]
+    return [x for x in out if isinstance(x, BaseException)]
+
+
+def explain(e: BaseException) -> str:
+    """The innermost useful line of a (DCP-wrapped) exception: ``Type: first line`` (at most 160 characters)."""
+    inner = [x for x in _causes(e) if not type(x).__name__ == "CheckpointException"] or [e]
+    x = inner[-1] if len(inner) > 1 else inner[0]
+    lines = str(x).strip().splitlines()
+    if not lines and isinstance(x, EOFError):
+        lines = ["the file ends early (truncated or empty)"]
+    msg = f"{type(x).__name__}: {lines[0] if lines else ''}"
+    return msg if len(msg) <= 160 else msg[:157] + "..."
+
+
+def out_of_space(e: BaseException) -> bool:
+    """A write that failed for lack of space: ENOSPC / EFBIG (a file-size limit) / EDQUOT, or PyTorch's writer finding
+    fewer bytes written than it wrote (``unexpected pos``: how a short write surfaces through its zip writer)."""
+    return any((isinstance(x, OSError) and x.errno in _NO_SPACE) or "unexpected pos" in str(x) for x in _causes(e))
+
+
 def save(ckpt_dir: Path, step: int, state: TrainState, keep: int = 2) -> Path:
-    """Write ``ckpt_dir/step_{step}`` atomically; prune to the ``keep`` newest."""
+    """Write ``ckpt_dir/step_{step}`` atomically (also over an existing one); prune to the ``keep`` newest. A write
+    that fails (a full disk) raises ``SaveError`` after removing its partial folder: the earlier checkpoints stay."""
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"step_{step:06d}"
     # the same temp name on every rank: rank 0 chooses it
@@ -85,19 +128,35 @@ def save(ckpt_dir: Path, step: int, state: TrainState, keep: int = 2) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
-    with warnings.catch_warnings():  # single process: DCP says it assumes no process group, which is right
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"app": state}, checkpoint_id=str(tmp))
-    if dist.is_initialized():
-        dist.barrier()
+    try:
+        with warnings.catch_warnings():  # single process: DCP says it assumes no process group, which is right
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"app": state}, checkpoint_id=str(tmp))
+        if dist.is_initialized():
+            dist.barrier()
+        if _rank() == 0:
+            (tmp / "COMPLETE").write_text(f"{step}\n")
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - one line; DCP's wrapper is a BaseException
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = "the disk is full (or a file-size limit was reached)" if out_of_space(e) else "the write failed"
+        free = shutil.disk_usage(ckpt_dir).free / 2**20
+        raise SaveError(f"cannot write checkpoint {final.name} in {ckpt_dir}: {why} ({explain(e)}; {free:.0f} MiB "
+                        f"free there); its partial write was removed") from e
     if _rank() == 0:
-        (tmp / "COMPLETE").write_text(f"{step}\n")
-        if final.exists():
-            shutil.rmtree(final)
+        old = ckpt_dir / f"{final.name}.tmp-{os.getpid()}-old"
+        if final.exists():  # the same step again: the old one moved aside, never a moment with neither
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         latest_tmp = ckpt_dir / f"latest.tmp-{os.getpid()}"
-        latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, ckpt_dir / "latest")
+        try:
+            latest_tmp.write_text(final.name + "\n")
+            os.replace(latest_tmp, ckpt_dir / "latest")
+        except OSError:  # no room even for the pointer: without one, the newest complete checkpoint is the latest
+            latest_tmp.unlink(missing_ok=True)
+            (ckpt_dir / "latest").unlink(missing_ok=True)
         done = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and (p / "COMPLETE").exists()
                       and ".tmp" not in p.name)
         for old in done[: max(0, len(done) - keep)]:
@@ -107,22 +166,47 @@ def save(ckpt_dir: Path, step: int, state: TrainState, keep: int = 2) -> Path:
     return final
 
 
+def complete(ckpt_dir: Path) -> list[Path]:
+    """The complete checkpoints, the one to resume from first: ``latest`` when it names a complete one, then every
+    ``step_*`` with COMPLETE, newest first."""
+    ckpt_dir = Path(ckpt_dir)
+    done = sorted((p for p in ckpt_dir.glob("step_*") if ".tmp" not in p.name and (p / "COMPLETE").exists()),
+                  reverse=True)
+    ptr = ckpt_dir / "latest"
+    try:
+        named = ckpt_dir / ptr.read_text().strip() if ptr.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError):  # a garbled pointer: the newest complete one
+        named = None
+    if named in done:
+        done.remove(named)
+        done.insert(0, named)
+    return done
+
+
 def latest(ckpt_dir: Path) -> Path | None:
     """The newest complete checkpoint (``latest`` if valid, else the newest ``step_*`` with COMPLETE)."""
-    ckpt_dir = Path(ckpt_dir)
-    ptr = ckpt_dir / "latest"
-    if ptr.exists():
-        p = ckpt_dir / ptr.read_text().strip()
-        if (p / "COMPLETE").exists():
-            return p
-    done = sorted(p for p in ckpt_dir.glob("step_*") if ".tmp" not in p.name and (p / "COMPLETE").exists())
-    return done[-1] if done else None
+    done = complete(ckpt_dir)
+    return done[0] if done else None
+
+
+class LoadFailed(RuntimeError):
+    """A checkpoint that cannot be read (a truncated, empty or missing file); the message is one line."""
 
 
 def load(path: Path, state: TrainState) -> None:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"app": state}, checkpoint_id=str(path))
+    """Load ``path`` into ``state``; ``LoadFailed`` naming what is wrong when its files cannot be read."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:  # read first here: DCP itself would log two tracebacks on a missing or unreadable .metadata
+        FileSystemReader(str(path)).read_metadata()
+    except (Exception, CheckpointException) as e:  # noqa: BLE001
+        raise LoadFailed(f"its .metadata cannot be read ({explain(e)})") from e
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"app": state}, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's wrapper is a BaseException
+        raise LoadFailed(f"its data cannot be read ({explain(e)})") from e
 
 
 def merged_lora_copy(peft_lm: torch.nn.Module, sd: dict) -> torch.nn.Module:
@@ -163,9 +247,12 @@ def export_pretrained(policy: torch.nn.Module, tokenizer, out: Path) -> None:
     out = Path(out)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    lm.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        lm.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # after a failure: nothing half-written is left

@@ -48,6 +48,9 @@ class Config:
     gold_reward: str = _f("", "a second reward, never trained on, scored on every rollout and logged as "
                           "gold_reward_mean (any --reward-model form); '': none, except the offline preset with "
                           "--reward-model offline-proxy, where it is the exact-sum checker train.tasks.offline:arith_reward")
+    reward_timeout: float = _f(600.0, "seconds one call of the reward (or --gold-reward) may take; past it the run saves "
+                               "its last complete iteration and stops with one line (a hung reward never keeps the "
+                               "trainer alive); 0: no limit")
     gptj_reward_at: str = _f("before_eos", "where a raw GPT-J reward checkpoint reads its score: at the token before "
                              "the first EOS ('before_eos': as the authors' reward-model training code, so as the model "
                              "was trained) or at that EOS ('eos': as the authors' RL scripts)",
@@ -62,10 +65,10 @@ class Config:
                    "(clipped surrogate + beta * k3 to the initial policy in the loss; implies --advantage group "
                    "--critic none)", choices=["apa", "ppo", "awr", "grpo"])
     # run length and batches
-    steps: int = _f(-1, "RL iterations (rollout + update); -1: the preset's")
-    batch_size: int = _f(-1, "prompts per iteration, global over all ranks; -1: the preset's")
-    minibatch_size: int = _f(-1, "sequences per gradient step, global over all ranks; -1: the preset's")
-    epochs: int = _f(-1, "passes over each rollout batch; -1: the preset's")
+    steps: int | None = _f(None, "RL iterations (rollout + update). Default: the preset's")
+    batch_size: int | None = _f(None, "prompts per iteration, global over all ranks. Default: the preset's")
+    minibatch_size: int | None = _f(None, "sequences per gradient step, global over all ranks. Default: the preset's")
+    epochs: int | None = _f(None, "passes over each rollout batch. Default: the preset's")
     micro_batch_tokens: int = _f(-1, "each gradient step's forward/backward runs on micro-batches of at most this many "
                                  "(padded) tokens per process, accumulating gradients (the same step up to float "
                                  "rounding): activation memory is bounded by it, not by the minibatch; 0: one pass; "
@@ -81,14 +84,14 @@ class Config:
     group_whiten: bool = _f(False, "group advantages: whiten them again over the batch's valid tokens (all ranks); "
                             "off by default: they are already on one scale per group (GRPO, RLOO do not)")
     # optimisation
-    lr: float = _f(-1.0, "learning rate (AdamW) of policy and critic; -1: the preset's (paper: 1e-6)")
+    lr: float | None = _f(None, "learning rate (AdamW) of policy and critic. Default: the preset's (paper: 1e-6)")
     lr_schedule: str = _f("", "learning rate over the run's iterations: constant, linear (to 0 at the last, TRL's "
                           "default) or cosine (to 0); after --warmup-steps of linear warm-up; '': the preset's",
                           choices=["", "constant", "linear", "cosine"])
     warmup_steps: int = _f(0, "iterations of linear learning-rate warm-up from lr / (N + 1)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping by global norm (0: off)")
-    lam: float = _f(-1.0, "APA's lambda (paper: 0.1) or AWR's temperature lambda; -1: the algorithm's/preset's")
+    lam: float | None = _f(None, "APA's lambda (paper: 0.1) or AWR's temperature lambda. Default: the algorithm's/preset's")
     awr_max_weight: float = _f(0.0, "AWR: clamp exp(A/lam) at this value (0: no clamp, as the APA paper)")
     gamma: float = _f(1.0, "discount of GAE")
     gae_lam: float = _f(0.95, "lambda of GAE")
@@ -105,10 +108,12 @@ class Config:
                            "them; '': the preset's", choices=["", "none", "running"])
     reward_clip: float = _f(10.0, "clip (scaled) scores to [-c, c] (0: off)")
     # sampling
-    max_new_tokens: int = _f(-1, "response length cap; -1: the preset's (paper: 128)")
+    max_new_tokens: int | None = _f(None, "response length cap. Default: the preset's (paper: 128)")
     min_new_tokens: int = _f(0, "generate at least this many tokens (EOS suppressed before: transformers' "
                              "min_new_tokens); 0: off. For benchmarks that need a fixed response length")
-    max_prompt_len: int = _f(-1, "prompts are truncated from the left to this many tokens; -1: the preset's")
+    max_prompt_len: int | None = _f(None, "prompts longer than this many tokens are cut from the left (the reward "
+                                       "sees them as the policy did; counted as prompts_truncated in metrics.jsonl). "
+                                       "Default: the preset's")
     temperature: float = _f(1.0, "sampling temperature (the log-probs use the same temperature)")
     top_k: int = _f(0, "top-k sampling (0: off; the trained log-probs are of the full tempered softmax)")
     top_p: float = _f(1.0, "nucleus sampling (1: off)")
@@ -118,8 +123,8 @@ class Config:
     critic: str = _f("", "critic: a separate copy of the policy with a scalar head (the authors'), a value head on "
                      "the policy ('shared'), or none (with --advantage group); '': none with group advantages, else separate",
                      choices=["", "separate", "shared", "none"])
-    unfrozen_layers: int = _f(-2, "train only the top N transformer blocks (+ final norm and heads); -1: all; "
-                              "-2: the preset's (paper: 2; with --lora-rank: all). With LoRA the base stays frozen and "
+    unfrozen_layers: int | None = _f(None, "train only the top N transformer blocks (+ final norm and heads); -1: all. "
+                                     "Default: the preset's (paper: 2; with --lora-rank: all). With LoRA the base stays frozen and "
                               "only the top N blocks get adapters")
     lora_rank: int = _f(0, "LoRA (peft): rank R of the adapters; the base weights stay frozen, the policy trains only "
                         "its adapters (and a value head), and the initial policy is the same base with the adapters "
@@ -142,10 +147,16 @@ class Config:
     trust_remote_code: bool = _f(False, "allow models' own code from the Hub (off unless asked)")
     # outputs
     out: str = _f("", "run directory (metrics.jsonl, samples.jsonl, plot, checkpoints, final/); default runs/<algo>-<time>")
-    resume: str = _f("", "continue the run in this directory from its latest complete checkpoint")
-    save_every: int = _f(-1, "checkpoint every N iterations (0: only at the end); -1: the preset's")
-    keep_checkpoints: int = _f(2, "keep this many newest checkpoints")
-    eval_every: int = _f(-1, "print and save sample completions every N iterations; -1: the preset's")
+    resume: str = _f("", "continue the run in this directory from its latest complete checkpoint (an unreadable one: "
+                     "the one before). Its saved config.json is used; these flags may be given anew and apply: "
+                     "--steps (the learning-rate schedule then spans the new count), --stop-after, --save-every, "
+                     "--eval-every, --eval-samples, --keep-checkpoints, --threads, --reward-timeout, --progress, "
+                     "--plot, --export, --tensorboard, --debug. Any other flag that differs from the saved value is "
+                     "refused")
+    save_every: int | None = _f(None, "checkpoint every N iterations (0: only at the end). Default: the preset's")
+    keep_checkpoints: int = _f(2, "keep this many newest checkpoints (>= 1)")
+    eval_every: int | None = _f(None, "print and save sample completions every N iterations (0: never). Default: "
+                                   "the preset's")
     eval_samples: int = _f(4, "completions shown at each evaluation")
     eval_k: int = _f(0, "held-out accuracy: at each evaluation and before the first iteration, the evaluation reward "
                      "(--gold-reward, else --reward-model; an accuracy for a 0/1 checker) of the greedy completion and "
@@ -154,12 +165,14 @@ class Config:
     seed: int = _f(0, "seed of model init, data order and sampling")
     cache_dir: str = _f("", "where built models are cached: the offline warm-up, dequantized GGUF models (default "
                         "~/.cache/apa-fast or $APA_FAST_CACHE)")
-    threads: int = _f(-1, "torch CPU threads per process (0: torch's default; -1: the preset's, 1 for offline)")
+    threads: int | None = _f(None, "torch CPU threads per process (0: torch's default). Default: the preset's (1 for "
+                            "offline, else 0)")
     tensorboard: bool = _f(True, "also log to TensorBoard when it is installed")
     plot: bool = _f(True, "draw reward and KL against steps (plot.png) at the end")
     progress: bool = _f(True, "show a progress bar")
     export: bool = _f(True, "save the final policy with save_pretrained (safetensors) in OUT/final")
     stop_after: int = _f(0, "stop (as if killed) after this many iterations of this process; for tests")
+    debug: bool = _f(False, "on a failure, print the traceback before the one-line error (also: APA_FAST_DEBUG=1)")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -182,7 +195,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_new_tokens=128, max_prompt_len=512, unfrozen_layers=2, save_every=50, eval_every=25,
     ),
 }
-# a field a preset fills is "unset" while it holds its dataclass default (-1, "", None: "the preset's")
+# a field a preset fills is "unset" while it holds its dataclass default (None or "": "the preset's"), so that any
+# value given on the command line is the user's and gets validated (a -1 is refused, never read as "the preset's")
 _UNSET = {f.name: f.default for f in dataclasses.fields(Config)
           if f.name != "model" and any(f.name in p for p in PRESETS.values())}
 
@@ -194,11 +208,11 @@ def preset_name(model: str) -> str:
 def apply_preset(cfg: Config) -> Config:
     """Fill unset fields from the preset of ``cfg.model``; AWR's default lam is 1 (its paper's)."""
     p = PRESETS[preset_name(cfg.model)]
-    if cfg.algo == "awr" and cfg.lam == _UNSET["lam"]:
+    if cfg.algo == "awr" and cfg.lam is None:
         cfg.lam = 1.0  # AWR's own default temperature (exp(A/0.1) of whitened advantages overflows)
     cfg.advantage = cfg.advantage or ("group" if cfg.algo == "grpo" else "gae")
     cfg.critic = cfg.critic or ("none" if cfg.advantage == "group" else "separate")
-    if cfg.lora_rank > 0 and cfg.unfrozen_layers == _UNSET["unfrozen_layers"]:
+    if cfg.lora_rank > 0 and cfg.unfrozen_layers is None:
         cfg.unfrozen_layers = -1  # LoRA: adapters on every block unless --unfrozen-layers N is given
     for k, unset in _UNSET.items():
         if getattr(cfg, k) == unset and k in p:
@@ -207,28 +221,49 @@ def apply_preset(cfg: Config) -> Config:
         cfg.model = p["model"]
     if cfg.reward_model == PROXY_REWARD and not cfg.gold_reward and cfg.model == "offline":
         cfg.gold_reward = "train.tasks.offline:arith_reward"  # the rule the proxy was trained to imitate
-    if cfg.threads < 0:
+    if cfg.threads is None:
         cfg.threads = 0
-    if cfg.minibatch_size > cfg.batch_size:
+    if cfg.minibatch_size > cfg.batch_size > 0:
         cfg.minibatch_size = cfg.batch_size
     return cfg
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    ap = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, as every other refusal of the trainer (not usage + message)
+        self.exit(2, f"error: {message} (python -m train.run --help lists the flags)\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a None default is "the preset's", which the help text says already
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def _parser(suppress: bool = False) -> argparse.ArgumentParser:
+    """The trainer's flags, one per Config field; ``suppress``: unset flags are absent from the namespace."""
+    ap = _Parser(
         prog="python -m train.run",
         description="APA / PPO / AWR / GRPO on FSDP2 with apa_fast's fused log-prob kernels. With no arguments: the offline "
         "demo (tiny GPT-J learns addition on CPU). '--model gptj' runs the paper's GPT-J setup (needs GPUs and the "
         "Dahoas checkpoints). Several processes: torchrun --nproc_per_node=N -m train.run ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         h = f.metadata["help"]
+        default = argparse.SUPPRESS if suppress else f.default
         if f.type in (bool, "bool"):
-            ap.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=h)
+            ap.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=h)
         else:
-            t = {"int": int, "float": float}.get(str(f.type), str)
-            ap.add_argument(flag, default=f.default, type=t, help=h, choices=f.metadata.get("choices"))
-    ns = ap.parse_args(argv)
+            t = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
+            ap.add_argument(flag, default=default, type=t, help=h, choices=f.metadata.get("choices"))
+    return ap
+
+
+def given_flags(argv: list[str] | None = None) -> dict[str, Any]:
+    """The fields set on the command line (``argv``, default ``sys.argv[1:]``), as parsed, abbreviations resolved."""
+    return vars(_parser(suppress=True).parse_args(argv))
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    ns = _parser().parse_args(argv)
     return apply_preset(Config(**vars(ns)))

@@ -13,7 +13,9 @@ from .dist import Dist
 from .loading import Prompt
 from .metrics import read_metrics
 from .models import Models
-from .rollout import rollout
+from .rewards import call_reward
+from .rollout import reward_name, rollout
+from .stopping import agree
 
 
 @torch.no_grad()
@@ -33,13 +35,22 @@ def logp_mismatch(m: Models, prompts: list[Prompt], cfg: Config, d: Dist) -> flo
 
 @torch.no_grad()
 def evaluate(m: Models, prompts: list[Prompt], cfg: Config, d: Dist, out: Path, step: int, show) -> None:
-    """Greedy completions of the evaluation prompts (printed and appended to samples.jsonl)."""
+    """Greedy completions of the evaluation prompts (printed and appended to samples.jsonl; a reward that is not a
+    number is written as null). The reward is asked as in training (checked, at most ``--reward-timeout`` s)."""
     if not prompts:
         return
     per = math.ceil(len(prompts) / d.world)
     mine = (prompts * d.world)[d.rank * per : (d.rank + 1) * per] if d.world > 1 else prompts
     ro = rollout(m, mine, cfg, d, greedy=True)
-    rows = list(zip(ro.prompts, ro.completions, m.reward(ro.prompts, ro.completions, ro.messages)))
+    scores, err = None, None
+    try:
+        scores = call_reward(m.reward, ro.prompts, ro.completions, ro.messages, cfg.reward_timeout, reward_name(m.reward))
+    except Exception as e:  # noqa: BLE001 - every rank stops here alike (agree), before the gather below
+        err = e
+    err = agree(d, err)
+    if err is not None:
+        raise err
+    rows = list(zip(ro.prompts, ro.completions, scores))
     if d.world > 1:
         import torch.distributed as dist
 
@@ -52,7 +63,8 @@ def evaluate(m: Models, prompts: list[Prompt], cfg: Config, d: Dist, out: Path, 
     show(f"step {step} samples (greedy):\n" + "\n".join(lines))
     with open(out / "samples.jsonl", "a") as f:
         for p, c, r in rows:
-            f.write(json.dumps({"step": step, "prompt": p, "completion": c, "reward": r}) + "\n")
+            r = r if math.isfinite(r) else None  # JSON has no NaN: null
+            f.write(json.dumps({"step": step, "prompt": p, "completion": c, "reward": r}, allow_nan=False) + "\n")
 
 
 @torch.no_grad()

@@ -134,30 +134,45 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {s[0] if s else ''}"
 
 
+def _text_lines(path: str) -> list[str]:
+    """The lines of a text file (UTF-8); an undecodable byte, or a file with no non-blank line, is refused in one line
+    naming the file and the line."""
+    lines = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise LoadError(f"{path}: line {lineno} is not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1}); save the file as UTF-8") from None
+    if not any(ln.strip() for ln in lines):
+        raise LoadError(f"{path}: no rows ({'only blank lines' if lines else 'the file is empty'}); it needs one prompt "
+                        f"per line")
+    return lines
+
+
 def _check_json_lines(path: str, column: str) -> None:
     """Name the first malformed row of a JSON-lines file (``datasets`` does not)."""
     import json
 
-    with open(path, encoding="utf-8") as f:
-        head = f.read(1)
-        if head == "[":  # a JSON array, not JSON lines: leave it to datasets
-            return
-        f.seek(0)
-        row = 0
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LoadError(f"{path}: row {row} (line {lineno}) is not valid JSON ({e.msg}); fix or remove it") from None
-            if isinstance(obj, dict) and column not in obj:
-                raise LoadError(f"{path}: row {row} (line {lineno}) has no {column!r} field (it has {sorted(obj)}); "
-                                f"fix the row or pass --prompt-column")
-            got = obj.get(column) if isinstance(obj, dict) else obj
-            if not isinstance(obj, dict) or not is_prompt(got):
-                raise LoadError(f"{path}: row {row} (line {lineno}) has {column!r} = {got!r}; expected {PROMPT_FORM}")
-            row += 1
+    lines = _text_lines(path)
+    if lines[0].lstrip("\ufeff").lstrip().startswith("["):  # a JSON array, not JSON lines: leave it to datasets
+        return
+    row = 0
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LoadError(f"{path}: row {row} (line {lineno}) is not valid JSON ({e.msg}); fix or remove it") from None
+        if isinstance(obj, dict) and column not in obj:
+            raise LoadError(f"{path}: row {row} (line {lineno}) has no {column!r} field (it has {sorted(obj)}); "
+                            f"fix the row or pass --prompt-column")
+        got = obj.get(column) if isinstance(obj, dict) else obj
+        if not isinstance(obj, dict) or not is_prompt(got):
+            raise LoadError(f"{path}: row {row} (line {lineno}) has {column!r} = {got!r}; expected {PROMPT_FORM}")
+        row += 1
 
 
 PROMPT_FORM = "a non-empty string, or a non-empty list of {\"role\": str, \"content\": str} messages (a chat)"
@@ -204,6 +219,8 @@ def load_prompts(dataset: str, split: str, column: str) -> list[Prompt]:
             ext = Path(dataset).suffix.lstrip(".")
             if ext in ("jsonl", "json"):
                 _check_json_lines(dataset, column)
+            elif ext in ("csv", "txt"):
+                _text_lines(dataset)
             ext = {"jsonl": "json", "txt": "text"}.get(ext, ext)
             if ext not in ("json", "csv", "parquet", "text"):
                 raise LoadError(f"cannot read prompts from {dataset!r}: use a .jsonl/.json/.csv/.parquet file")

@@ -49,6 +49,7 @@ class Rollout:
     completions: list[str]  # the responses decoded, without the EOS
     messages: list  # each chat prompt's messages (None: a plain-string prompt)
     logp_sample: Tensor | None = None  # (B, R) the sampler's own log-probs, when asked for
+    truncated: int = 0  # prompts longer than --max-prompt-len, cut from the left (``prompts`` holds what was kept)
 
 
 @dataclass(frozen=True)

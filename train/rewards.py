@@ -3,7 +3,8 @@
 Every reward maps ``(prompts, completions, messages)`` to one float per sample: ``prompts`` are the texts the
 policy saw, ``messages`` each chat prompt's original messages (None for a plain-string prompt; the whole argument
 may be None). A ``module:function`` reward is called as ``function(prompts, completions)``. Non-numbers and NaN are
-kept as NaN here; the trainer reports them and drops those samples from the loss (``score`` in ``run.py``).
+kept as NaN here; the trainer reports them and drops those samples from the loss (``score`` in ``rollout.py``);
+any other answer (None, a scalar, another length or shape) is refused in one line (``as_scores``).
 
 The paper's reward model (``Dahoas/gptj-rm-static``) is not a transformers checkpoint: it is a raw
 ``torch.save``d state dict of a GPT-J ``transformer`` (keys ``transformer.*``) plus a bias-free
@@ -25,6 +26,7 @@ initialisation of the 6B weights, non-persistent buffers set by transformers its
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import torch
@@ -42,8 +44,7 @@ class FunctionReward:
         self.name = spec
 
     def __call__(self, prompts: list[str], completions: list[str], messages: list | None = None) -> list[float]:
-        out = self.fn(prompts, completions)
-        return [_as_float(x) for x in out]
+        return as_scores(self.fn(prompts, completions), len(completions), f"the reward {self.name}")
 
 
 def _as_float(x) -> float:
@@ -52,6 +53,71 @@ def _as_float(x) -> float:
     except (TypeError, ValueError):
         return math.nan
     return v
+
+
+def _short(x, n: int = 80) -> str:
+    r = repr(x)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def as_scores(raw, n: int, name: str) -> list[float]:
+    """A reward's answer for ``n`` completions as ``n`` floats: a sequence (or a (n,) / (n, 1) array or tensor, or a
+    list of one-element lists) of numbers; an element that is not a number becomes NaN (the trainer reports it and
+    leaves the sample out). Anything else (None, a scalar, a string, a dict, another length or shape) is refused in
+    one line naming ``name``, what it returned and what was expected."""
+    expected = f"expected a list of {n} numbers, one per completion"
+    if hasattr(raw, "shape") and hasattr(raw, "tolist"):  # a tensor or an array (numpy, jax, ...)
+        shape = tuple(raw.shape)
+        if shape not in ((n,), (n, 1)):
+            raise LoadError(f"{name} returned a {type(raw).__name__} of shape {shape}; {expected} (shape ({n},) or "
+                            f"({n}, 1))")
+        vals = raw.reshape(-1).tolist()
+    elif raw is None or isinstance(raw, (str, bytes, dict, int, float, complex)) or not hasattr(raw, "__iter__"):
+        raise LoadError(f"{name} returned {_short(raw)} ({type(raw).__name__}); {expected}")
+    else:
+        vals = list(raw)
+        if len(vals) != n:
+            raise LoadError(f"{name} returned {len(vals)} scores for {n} completions; {expected}")
+        if vals and all(isinstance(v, (list, tuple)) and len(v) == 1 for v in vals):  # (n, 1) as nested lists
+            vals = [v[0] for v in vals]
+    return [_as_float(x) for x in vals]
+
+
+class RewardTimeout(TimeoutError):
+    """A reward that did not answer within ``--reward-timeout`` seconds."""
+
+
+def call_reward(reward, prompts: list[str], completions: list[str], messages: list | None, timeout: float,
+                name: str) -> list[float]:
+    """``reward(prompts, completions, messages)`` checked by ``as_scores``. With ``timeout`` > 0 it runs in a daemon
+    thread and ``RewardTimeout`` is raised after ``timeout`` seconds: a hung reward cannot keep the process alive."""
+    if timeout <= 0:
+        return as_scores(reward(prompts, completions, messages), len(completions), name)
+    box: dict = {}
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    grad = torch.is_grad_enabled()
+
+    def target() -> None:
+        try:
+            if device is not None:  # the current CUDA device and grad mode are per thread: the caller's
+                torch.cuda.set_device(device)
+            with torch.set_grad_enabled(grad):
+                box["out"] = reward(prompts, completions, messages)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["err"] = e
+
+    t = threading.Thread(target=target, name="reward", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        HUNG.append(name)
+        raise RewardTimeout(f"{name} did not answer within --reward-timeout {timeout:g} s")
+    if "err" in box:
+        raise box["err"]
+    return as_scores(box["out"], len(completions), name)
+
+
+HUNG: list[str] = []  # rewards still running in a daemon thread after their timeout (the process then ends hard)
 
 
 class HFRewardModel:

@@ -12,6 +12,7 @@ from .dist import Dist
 from .loading import Prompt, as_messages, render_prompt
 from .models import Models
 from .records import Batch, Rollout
+from .rewards import call_reward
 from .sampling import position_ids_from_mask
 
 
@@ -27,6 +28,12 @@ def rollout(m: Models, prompts: list[Prompt], cfg: Config, d: Dist, greedy: bool
     chat = any(not isinstance(p, str) for p in prompts)  # a rendered template holds its own special tokens (BOS)
     enc = tok(texts, padding=True, truncation=True, max_length=cfg.max_prompt_len, return_tensors="pt",
               add_special_tokens=not chat).to(d.device)
+    # an over-long prompt is cut from the left: the reward gets it as the policy saw it (the kept tokens, decoded)
+    full = tok(texts, add_special_tokens=not chat, verbose=False)["input_ids"]
+    cut = [i for i, ids in enumerate(full) if len(ids) > cfg.max_prompt_len]
+    for i in cut:
+        kept = enc["input_ids"][i][enc["attention_mask"][i].bool()]
+        texts[i] = tok.decode(kept, skip_special_tokens=not chat)
     P = enc["input_ids"].shape[1]
     sample = {} if greedy else dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     if cfg.min_new_tokens:  # EOS suppressed until then (a benchmark's fixed response length)
@@ -58,14 +65,19 @@ def rollout(m: Models, prompts: list[Prompt], cfg: Config, d: Dist, greedy: bool
     batch = Batch(input_ids=torch.cat([enc["input_ids"], response], 1), attention_mask=attn,
                   position_ids=position_ids_from_mask(attn), prompt_len=P, response=response, mask=mask)
     return Rollout(batch=batch, prompts=texts, completions=completions, messages=[as_messages(p) for p in prompts],
-                   logp_sample=logp_sample)
+                   logp_sample=logp_sample, truncated=len(cut))
 
 
-def score(reward, ro: Rollout, d: Dist, log, flag: str = "--reward-model") -> Tensor:
-    """``reward``'s scores of the decoded text, (B,) float32; a NaN or non-number score is reported (and left NaN)."""
-    raw = reward(ro.prompts, ro.completions, ro.messages)
-    if len(raw) != len(ro.prompts):
-        raise RuntimeError(f"{flag} returned {len(raw)} scores for {len(ro.prompts)} completions")
+def reward_name(reward, flag: str = "--reward-model") -> str:
+    """How a failure names a reward: ``the reward <spec>`` (``the gold reward`` for ``--gold-reward``)."""
+    return f"the {'gold ' if flag == '--gold-reward' else ''}reward {getattr(reward, 'name', type(reward).__name__)}"
+
+
+def score(reward, ro: Rollout, d: Dist, log, flag: str = "--reward-model", timeout: float = 0.0) -> Tensor:
+    """``reward``'s scores of the decoded text, (B,) float32; a NaN or non-number score is reported (and left NaN).
+    An answer of the wrong type or shape is refused (``rewards.as_scores``); ``timeout`` > 0: at most that many
+    seconds (``rewards.call_reward``)."""
+    raw = call_reward(reward, ro.prompts, ro.completions, ro.messages, timeout, reward_name(reward, flag))
     scores = torch.tensor(raw, dtype=torch.float32, device=d.device)
     bad = ~torch.isfinite(scores)
     if bad.any():

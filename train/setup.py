@@ -19,7 +19,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .algos import KLController
-from .config import BUILT, Config
+from .config import BUILT, Config, given_flags
 from .dist import Dist
 from .errors import LoadError
 from .gguf import is_gguf_spec
@@ -27,6 +27,7 @@ from .loading import Prompt, check_chat_prompts, check_model_source, load_prompt
 from .metrics import MetricsLog, peak_rss_gb
 from .models import Models, build_models
 from .rewards import RewardScaler
+from .stopping import lock_run_dir, remove_stale_tmp
 
 
 class PromptSampler:
@@ -66,17 +67,39 @@ class Progress:
         self.scaler.load_state_dict(sd["scaler"])
 
 
+# flags that may be given anew with --resume (they change how long the run goes and what it writes, not what it
+# learns); any other flag given with a value unlike the saved one is refused
+RESUMABLE = ("steps", "stop_after", "save_every", "eval_every", "eval_samples", "keep_checkpoints", "threads",
+             "reward_timeout", "progress", "plot", "export", "tensorboard", "debug")
+
+
 def resume_config(cfg: Config, argv: list[str] | None) -> Config:
-    """A resumed run uses its saved config; only run-length and output flags given now override it."""
-    if not (Path(cfg.resume) / "config.json").exists():
-        raise LoadError(f"--resume {cfg.resume!r}: no run directory there (config.json missing)")
-    saved = json.loads((Path(cfg.resume) / "config.json").read_text())
-    given = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
-    overridable = {"steps", "stop_after", "progress", "save_every", "eval_every", "threads", "plot", "export",
-                   "tensorboard", "keep_checkpoints"}
-    for k in given & overridable:
+    """A resumed run's config: its saved config.json, with the ``RESUMABLE`` flags given now applied; a flag that would
+    change the run (``--algo``, ``--lr``, ``--batch-size``, ``--out``, ...) and differs from the saved value is refused
+    in one line listing them."""
+    run_dir = Path(cfg.resume)
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except FileNotFoundError:
+        raise LoadError(f"--resume {cfg.resume!r}: no run directory there (config.json missing)") from None
+    except (OSError, ValueError) as e:
+        raise LoadError(f"--resume {cfg.resume!r}: its config.json cannot be read ({type(e).__name__}: {e})") from None
+    names = {f.name for f in dataclasses.fields(Config)}
+    saved = {k: v for k, v in saved.items() if k in names}  # fields added since then keep their defaults
+    given = given_flags(argv if argv is not None else sys.argv[1:])
+    changed = []
+    if "out" in given and Path(given["out"]).resolve() != run_dir.resolve():
+        changed.append(f"--out {given['out']} (a resumed run writes into --resume {cfg.resume})")
+    for k in sorted(given.keys() - {"out", "resume", *RESUMABLE}):
+        if k in saved and getattr(cfg, k) != saved[k]:
+            changed.append(f"--{k.replace('_', '-')} {getattr(cfg, k)} (saved: {saved[k]})")
+    if changed:
+        raise LoadError(f"--resume {cfg.resume}: {'; '.join(changed)}: a resumed run keeps the settings it started "
+                        f"with; only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may change (or start a "
+                        f"new run with another --out)")
+    for k in given.keys() & set(RESUMABLE):
         saved[k] = getattr(cfg, k)
-    saved["resume"], saved["out"] = cfg.resume, cfg.resume
+    saved["resume"] = saved["out"] = cfg.resume
     return Config(**saved)
 
 
@@ -95,6 +118,8 @@ class Run:
     heldout: list[Prompt]  # all of --eval-dataset (or --dataset): the held-out accuracy's prompts
     metrics: MetricsLog | None
     bar: object
+    lock: object = None  # the open OUT/.lock (rank 0): the run directory is this process's until it is closed
+    carry: dict = dataclasses.field(default_factory=dict)  # fields for the next metrics row (the initial accuracy)
 
     def show(self, msg: str) -> None:
         """Print ``msg`` on the main process without breaking the progress bar."""
@@ -120,16 +145,33 @@ class Run:
             self.bar.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
 
 def setup_run(cfg: Config, d: Dist, log) -> Run:
     """Checks, prompts, models, optimiser and state (resumed when asked); the run directory."""
+    check_flags(cfg, d)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    check_flags(cfg, d)
     out = Path(cfg.out or f"runs/{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if not cfg.resume and (out / "checkpoints").exists():
+    lock = lock_run_dir(out, d, resume=bool(cfg.resume))  # --out writable, and no other live trainer in it
+    try:
+        return _setup_run(cfg, d, log, out, lock)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+
+
+def _setup_run(cfg: Config, d: Dist, log, out: Path, lock) -> Run:
+    if not cfg.resume and ckpt.complete(out / "checkpoints"):
         raise LoadError(f"{out} already holds a run with checkpoints; continue it with --resume {out} or pick another --out")
+    if d.main:
+        gone = remove_stale_tmp(out)
+        if gone:
+            log(f"note: removed {len(gone)} unfinished write(s) of an earlier process: {', '.join(gone)}")
     torch.manual_seed(cfg.seed)
     if cfg.model not in BUILT and not is_gguf_spec(cfg.model, cfg.gguf_file):
         gptj = cfg.model == "Dahoas/gptj-sft-static"
@@ -156,15 +198,24 @@ def setup_run(cfg: Config, d: Dist, log) -> Run:
     state = ckpt.TrainState(models, opt, progress)
     resumed_from = None
     if cfg.resume:
-        path = ckpt.latest(out / "checkpoints")
-        if path is None:
+        paths = ckpt.complete(out / "checkpoints")
+        if not paths:
             raise LoadError(f"--resume {cfg.resume!r}: no complete checkpoint under {out / 'checkpoints'}")
-        ckpt.load(path, state)
+        for i, path in enumerate(paths):  # an unreadable checkpoint: the one before it
+            try:
+                ckpt.load(path, state)
+                break
+            except ckpt.LoadFailed as e:
+                if i + 1 == len(paths):
+                    raise LoadError(f"--resume {cfg.resume}: checkpoint {path.name} cannot be loaded: {e}; no earlier "
+                                    f"complete checkpoint to fall back to") from None
+                log(f"warning: checkpoint {path.name} cannot be loaded: {e}; falling back to {paths[i + 1].name}")
         resumed_from = progress.step
         log(f"resumed from {path} (step {progress.step})")
+        if progress.step > cfg.steps:
+            raise LoadError(f"--steps {cfg.steps} is below the step of the checkpoint to resume from ({progress.step})")
     bar = None
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
         log(f"run directory: {out}  ({cfg.algo}, {d.world} process(es) on {d.device.type}, kernels: "
             f"{cfg.kernel_backend}, {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters)")
@@ -173,16 +224,19 @@ def setup_run(cfg: Config, d: Dist, log) -> Run:
 
             bar = tqdm(total=cfg.steps, initial=progress.step, desc=cfg.algo, dynamic_ncols=True)
     metrics = MetricsLog(out, resumed_from, cfg.tensorboard) if d.main else None
-    return Run(cfg, m, opt, params, progress, state, out, eval_prompts[: cfg.eval_samples], eval_prompts, metrics, bar)
+    return Run(cfg, m, opt, params, progress, state, out, eval_prompts[: cfg.eval_samples], eval_prompts, metrics, bar,
+               lock)
 
 
 def check_flags(cfg: Config, d: Dist) -> None:
-    """Flag combinations that cannot run, each refused with one line naming the flag."""
+    """Flags that cannot run, each refused with one line naming the flag: every number in its range (NaN never is),
+    then the combinations."""
+    for flag, value, ok, want in _ranges(cfg):
+        if not ok:
+            raise LoadError(f"--{flag.replace('_', '-')} must be {want}, got {value}")
     if cfg.batch_size % d.world or cfg.minibatch_size % d.world:
         raise LoadError(f"--batch-size {cfg.batch_size} and --minibatch-size {cfg.minibatch_size} must be multiples "
                         f"of the number of processes ({d.world})")
-    if cfg.samples_per_prompt < 1:
-        raise LoadError(f"--samples-per-prompt must be >= 1, got {cfg.samples_per_prompt}")
     if cfg.advantage == "group" and cfg.samples_per_prompt < 2:
         raise LoadError(f"--advantage group needs --samples-per-prompt >= 2 (a group to compare within), got "
                         f"{cfg.samples_per_prompt}")
@@ -194,21 +248,63 @@ def check_flags(cfg: Config, d: Dist) -> None:
     if cfg.kl_coef and cfg.advantage == "group":
         raise LoadError("--kl-coef puts a KL penalty into GAE's token rewards, which --advantage group does not use; "
                         "GRPO's KL term is --kl-loss-coef")
-    if not cfg.kl_target >= 0:
-        raise LoadError(f"--kl-target must be >= 0 (0: a fixed beta of --kl-init), got {cfg.kl_target}")
-    if not cfg.kl_loss_coef >= 0:
-        raise LoadError(f"--kl-loss-coef must be >= 0, got {cfg.kl_loss_coef}")
     if not 0 <= cfg.warmup_steps < max(cfg.steps, 1):
         raise LoadError(f"--warmup-steps must be in [0, --steps) = [0, {cfg.steps}), got {cfg.warmup_steps}")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise LoadError(f"--lr must be a positive number, got {cfg.lr}")
-    if cfg.lora_rank < 0:
-        raise LoadError(f"--lora-rank must be >= 1 for LoRA (or 0: off, full fine-tuning), got {cfg.lora_rank}")
     if cfg.lora_rank > 0 and importlib.util.find_spec("peft") is None:
         raise LoadError("--lora-rank needs peft, which is not installed: pip install -e '.[lora]' -c constraints.txt")
     if cfg.lora_rank > 0 and not (cfg.lora_alpha >= 0 and 0 <= cfg.lora_dropout < 1):
         raise LoadError(f"--lora-alpha must be >= 0 (0: 2 * rank) and --lora-dropout in [0, 1), got "
                         f"{cfg.lora_alpha} and {cfg.lora_dropout}")
+
+
+def _ranges(cfg: Config) -> list[tuple[str, object, bool, str]]:
+    """(flag, value, in range, the range in words) for every numeric flag."""
+    pos, nonneg = "a positive number", ">= 0"
+
+    def finite(x: float) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    c = cfg
+    return [
+        ("steps", c.steps, c.steps >= 1, ">= 1"),
+        ("batch_size", c.batch_size, c.batch_size >= 1, ">= 1"),
+        ("minibatch_size", c.minibatch_size, c.minibatch_size >= 1, ">= 1"),
+        ("epochs", c.epochs, c.epochs >= 1, ">= 1"),
+        ("micro_batch_tokens", c.micro_batch_tokens, c.micro_batch_tokens >= -1, ">= 0 (0: one pass; -1: auto)"),
+        ("samples_per_prompt", c.samples_per_prompt, c.samples_per_prompt >= 1, ">= 1"),
+        ("lr", c.lr, finite(c.lr) and c.lr > 0, pos),
+        ("weight_decay", c.weight_decay, finite(c.weight_decay) and c.weight_decay >= 0, nonneg),
+        ("max_grad_norm", c.max_grad_norm, finite(c.max_grad_norm) and c.max_grad_norm >= 0, ">= 0 (0: off)"),
+        ("lam", c.lam, finite(c.lam) and c.lam > 0, pos),
+        ("awr_max_weight", c.awr_max_weight, finite(c.awr_max_weight) and c.awr_max_weight >= 0, ">= 0 (0: no clamp)"),
+        ("gamma", c.gamma, finite(c.gamma) and 0 <= c.gamma <= 1, "in [0, 1]"),
+        ("gae_lam", c.gae_lam, finite(c.gae_lam) and 0 <= c.gae_lam <= 1, "in [0, 1]"),
+        ("vf_coef", c.vf_coef, finite(c.vf_coef) and c.vf_coef >= 0, nonneg),
+        ("ppo_clip", c.ppo_clip, finite(c.ppo_clip) and c.ppo_clip > 0, pos),
+        ("value_clip", c.value_clip, finite(c.value_clip) and c.value_clip > 0, pos),
+        ("kl_init", c.kl_init, finite(c.kl_init) and c.kl_init >= 0, nonneg),
+        ("kl_target", c.kl_target, finite(c.kl_target) and c.kl_target >= 0, ">= 0 (0: a fixed beta of --kl-init)"),
+        ("kl_horizon", c.kl_horizon, finite(c.kl_horizon) and c.kl_horizon > 0, pos),
+        ("kl_coef", c.kl_coef, finite(c.kl_coef) and c.kl_coef >= 0, nonneg),
+        ("kl_loss_coef", c.kl_loss_coef, finite(c.kl_loss_coef) and c.kl_loss_coef >= 0, nonneg),
+        ("reward_clip", c.reward_clip, finite(c.reward_clip) and c.reward_clip >= 0, ">= 0 (0: off)"),
+        ("reward_timeout", c.reward_timeout, finite(c.reward_timeout) and c.reward_timeout >= 0, ">= 0 seconds (0: no limit)"),
+        ("max_new_tokens", c.max_new_tokens, c.max_new_tokens >= 1, ">= 1"),
+        ("min_new_tokens", c.min_new_tokens, c.min_new_tokens >= 0, ">= 0 (0: off)"),
+        ("max_prompt_len", c.max_prompt_len, c.max_prompt_len >= 1, ">= 1"),
+        ("temperature", c.temperature, finite(c.temperature) and c.temperature > 0, pos),
+        ("top_k", c.top_k, c.top_k >= 0, ">= 0 (0: off)"),
+        ("top_p", c.top_p, finite(c.top_p) and 0 < c.top_p <= 1, "in (0, 1] (1: off)"),
+        ("unfrozen_layers", c.unfrozen_layers, c.unfrozen_layers >= -1, ">= 0, or -1 (all)"),
+        ("lora_rank", c.lora_rank, c.lora_rank >= 0, ">= 1 for LoRA (or 0: off, full fine-tuning)"),
+        ("save_every", c.save_every, c.save_every >= 0, ">= 0 (0: only at the end)"),
+        ("keep_checkpoints", c.keep_checkpoints, c.keep_checkpoints >= 1, ">= 1 (the one just written is kept)"),
+        ("eval_every", c.eval_every, c.eval_every >= 0, ">= 0 (0: never)"),
+        ("eval_samples", c.eval_samples, c.eval_samples >= 0, nonneg),
+        ("threads", c.threads, c.threads >= 0, ">= 0 (0: torch's default)"),
+        ("stop_after", c.stop_after, c.stop_after >= 0, ">= 0 (0: off)"),
+        ("seed", c.seed, c.seed >= 0, nonneg),
+    ]
 
 
 def fit_positions(cfg: Config, m: Models, log) -> int:
