@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         # CI runs the LoRA tests and bench.peers' tiny job against TRL (the suite skips the latter without TRL)
-        "test": ["pytest>=7.4", "peft>=0.13", "trl>=1.16"],
+        "test": ["pytest>=7.4", "peft>=0.13", "trl>=1.16", "gguf>=0.10"],
         "lora": ["peft>=0.13"],
         "bench": ["pytest>=7.4", "pytest-benchmark>=4.0"],
         "gpu": ["flash-attn>=2.5"],
