@@ -24,13 +24,15 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        # CI runs the LoRA tests and bench.peers' tiny job against TRL (the suite skips the latter without TRL)
-        "test": ["pytest>=7.4", "peft>=0.13", "trl>=1.16"],
+        # CI runs the LoRA tests, bench.peers' tiny job against TRL and the parity test against Liger-Kernel's
+        # fused linear GRPO loss (the suite skips those without TRL / liger-kernel)
+        "test": ["pytest>=7.4", "peft>=0.13", "trl>=1.16", "liger-kernel>=0.8.5"],
         "lora": ["peft>=0.13"],
-        "bench": ["pytest>=7.4", "pytest-benchmark>=4.0"],
+        # liger-kernel: the peer of the fused losses from hidden states (bench.liger; plain torch on CPU)
+        "bench": ["pytest>=7.4", "pytest-benchmark>=4.0", "liger-kernel>=0.8.5"],
         "gpu": ["flash-attn>=2.5"],
         "tensorboard": ["tensorboard>=2.14"],
         # bench.peers only (apa-fast's trainer against TRL's); never imported by apa_fast or train
-        "peers": ["trl>=1.16"],
+        "peers": ["trl>=1.16", "liger-kernel>=0.8.5"],
     },
 )
