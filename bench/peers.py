@@ -66,11 +66,12 @@ What is measured, identically for both:
 - **peak RSS**: ``VmHWM`` of the training process (each job runs alone in its own process; nothing spawns
   children), read by the process itself at the end (apa-fast: its metrics' ``max_rss_gb``).
 
-Writes ``bench/results/peers-<stamp>.json`` and ``latest-cpu-peers.json`` (``rows``: one per job and
+Writes ``bench/results/peers-<stamp>.json`` and ``latest-cpu-peers.json`` (``--quick``: ``peers-quick-...``; ``rows``: one per job and
 implementation with the median over repeats and every repeat's figure; ``machine``; ``versions``;
 ``settings``) and prints a Markdown table. Ratios are to each TRL row and to the best of them (highest median
 tokens/s), the targets to the best. ``--quick``: every job's smallest meaningful run (``Job.quick_steps``
-iterations: one warm-up and one measured), one repeat, for a look in a few minutes. ``--tiny`` (for the tests):
+iterations: one warm-up, then one measured for job b, three for the sub-second iterations of a and c), one
+repeat, for a look in a few minutes. ``--tiny`` (for the tests):
 job a at 4 prompts x 2 samples, 2 iterations, one repeat. A new job is one more ``JOBS`` entry: every
 implementation above runs on it.
 """
@@ -114,14 +115,15 @@ class Job:
     lr: float = 3e-4
     beta: float = 0.04  # GRPO's KL coefficient (k3 in the loss)
     steps: int = 8  # iterations per run unless --steps (the first is left out)
-    quick_steps: int = 2  # --quick: one warm-up iteration and one measured
+    quick_steps: int = 2  # --quick: one warm-up iteration and the rest measured (3 for the sub-second iterations)
 
 
 JOBS = {
-    "a": Job("a", "offline arithmetic, tiny GPT-J, GRPO 16x4", "offline", "grpo", 16, 4, 16, 2, 4),
+    "a": Job("a", "offline arithmetic, tiny GPT-J, GRPO 16x4", "offline", "grpo", 16, 4, 16, 2, 4, quick_steps=4),
     "b": Job("b", "Llama 12x768 V=50,400 (~162M), GRPO 8x4, 64 tokens", "llama160m", "grpo", 8, 4, 8, 1, 64, 64,
              lr=1e-6, steps=3),
-    "c": Job("c", "offline arithmetic, tiny GPT-J, PPO/APA with a critic, 64x1", "offline", "ppo", 64, 1, 32, 2, 4),
+    "c": Job("c", "offline arithmetic, tiny GPT-J, PPO/APA with a critic, 64x1", "offline", "ppo", 64, 1, 32, 2, 4,
+             quick_steps=4),
 }
 
 
@@ -501,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
            "rows": rows}
     os.makedirs(a.results_dir, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    for name in (f"peers-{stamp}.json", f"latest-{device}-peers.json"):
+    kind = "peers-quick" if a.quick else "peers"  # a quick look does not replace the latest full run
+    for name in (f"{kind}-{stamp}.json", f"latest-{device}-{kind}.json"):
         with open(os.path.join(a.results_dir, name), "w") as f:
             json.dump(out, f, indent=1)
     v = out["versions"]
@@ -510,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
           f"iterations per run: {out['settings']['steps']} (tokens/s over 2..K), {repeats} interleaved "
           "repeat(s).\n")
     print(markdown(rows))
-    print(f"\nwrote {os.path.join(a.results_dir, f'peers-{stamp}.json')}")
+    print(f"\nwrote {os.path.join(a.results_dir, f'{kind}-{stamp}.json')}")
     return 0
 
 
