@@ -123,7 +123,8 @@ def shape_label(shape: dict) -> str:
     s = f"N={shape['N']}"
     if "H" in shape:
         s += f", H={shape['H']}"
-    s += f", V={shape['V']:,}, {shape['dtype']}, {shape['mode']}" + (f", {shape['loss']} loss" if "loss" in shape else "")
+    s += f", V={shape['V']:,}, {shape['dtype']}, {shape['mode']}"
+    s += f", {shape['loss']} loss" if "loss" in shape else ""
     if "masked" in shape:
         s += f", {GRPO_MASKED_TAIL}/{GRPO_T} masked" if shape["masked"] else ", no mask"
     return s

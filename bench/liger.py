@@ -48,7 +48,8 @@ def parse_shapes(text: str, what: str) -> list[tuple[int, int, int, str | None]]
         try:
             n, h, v = (int(x) for x in dims.split("x"))
         except ValueError:
-            raise SystemExit(f"error: {what} must list NxHxV[/m|/u] shapes (e.g. 2048x768x50400/m), got {part!r}") from None
+            raise SystemExit(f"error: {what} must list NxHxV[/m|/u] shapes (e.g. 2048x768x50400/m), "
+                             f"got {part!r}") from None
         if n <= 0 or h <= 0 or v <= 0 or n % cases.GRPO_T or m not in ("", "m", "u"):
             raise SystemExit(f"error: {what}: N, H, V must be positive, N a multiple of {cases.GRPO_T}, the suffix "
                              f"/m or /u; got {part!r}")
@@ -191,12 +192,13 @@ def markdown(data: dict) -> str:
             mem = "n/a" if t["mem_vs_liger"] is None else f"{t['mem_vs_liger']:.2f}"
             ok = lambda c: "met" if c else "NOT met"  # noqa: E731
             lines.append(
-                f"| {s['label']} | {ours} | {s['liger_best']} | {t['time_vs_liger']:.2f} ({ok(t['time_vs_liger'] <= 1)}) "
+                f"| {s['label']} | {ours} | {s['liger_best']} | "
+                f"{t['time_vs_liger']:.2f} ({ok(t['time_vs_liger'] <= 1)}) "
                 f"| {mem} ({ok(t['mem_vs_liger'] is not None and t['mem_vs_liger'] <= 0.5)}) "
                 f"| {t['vs_floor']:.2f} ({ok(t['vs_floor'] <= 1.15)}) |")
     if data.get("sweep"):
-        lines += ["", "Liger's chunk size (sequences of 256 tokens per chunk), fastest on the swept shapes: " + "; ".join(
-            f"{k}: {v}" for k, v in data["sweep"].items()) + "."]
+        lines += ["", "Liger's chunk size (sequences of 256 tokens per chunk), fastest on the swept shapes: "
+                  + "; ".join(f"{k}: {v}" for k, v in data["sweep"].items()) + "."]
     if data.get("not_run"):
         lines += ["", "Not run: " + "; ".join(data["not_run"]) + "."]
     return "\n".join(lines) + "\n"
@@ -207,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", default=",".join(f"{n}x{h}x{v}" for n, h, v in GRID), help="NxHxV shapes")
     ap.add_argument("--masked", choices=["both", "yes", "no"], default="both",
                     help=f"the last {cases.GRPO_MASKED_TAIL} of every {cases.GRPO_T} positions masked, none, or both")
-    ap.add_argument("--sweep", default="2048x768x50400", help="shapes (NxHxV, masked) where Liger's chunk size is swept")
+    ap.add_argument("--sweep", default="2048x768x50400",
+                    help="shapes (NxHxV, masked) where Liger's chunk size is swept")
     ap.add_argument("--chunks", default="1,2,4,8", help="Liger chunk sizes (sequences per chunk) for the sweep")
     ap.add_argument("--no-compiled", action="store_true", help="skip Liger's compiled=True rows")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds per shape")
@@ -307,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                         best.setdefault((n, h, v), {})[c] = cases.liger_config(k)[1]
                         data["sweep"][f"{cases.shape_label(shape)} ({'compiled' if c else 'not compiled'})"] = \
                             f"c={cases.liger_config(k)[1]} (" + ", ".join(
-                                f"c={cases.liger_config(kk)[1]} {rr['median_s']:.2f} s" for kk, rr in cand.items()) + ")"
+                                f"c={cases.liger_config(kk)[1]} {rr['median_s']:.2f} s"
+                                for kk, rr in cand.items()) + ")"
             for ours in (OURS, OURS_APA):
                 if ours in s:
                     t = s[ours]

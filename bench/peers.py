@@ -66,8 +66,8 @@ What is measured, identically for both:
 - **peak RSS**: ``VmHWM`` of the training process (each job runs alone in its own process; nothing spawns
   children), read by the process itself at the end (apa-fast: its metrics' ``max_rss_gb``).
 
-Writes ``bench/results/peers-<stamp>.json`` and ``latest-cpu-peers.json`` (``--quick``: ``peers-quick-...``; ``rows``: one per job and
-implementation with the median over repeats and every repeat's figure; ``machine``; ``versions``;
+Writes ``bench/results/peers-<stamp>.json`` and ``latest-cpu-peers.json`` (``--quick``: ``peers-quick-...``;
+``rows``: one per job and implementation with the median over repeats and every repeat's figure; ``machine``; ``versions``;
 ``settings``) and prints a Markdown table. Ratios are to each TRL row and to the best of them (highest median
 tokens/s), the targets to the best. ``--quick``: every job's smallest meaningful run (``Job.quick_steps``
 iterations: one warm-up, then one measured for job b, three for the sub-second iterations of a and c), one
@@ -508,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(a.results_dir, name), "w") as f:
             json.dump(out, f, indent=1)
     v = out["versions"]
-    print(f"\n{device.upper()}: {machine['cpu']} ({machine['cpu_count']} cores, {a.threads} torch threads per process), "
+    print(f"\n{device.upper()}: {machine['cpu']} ({machine['cpu_count']} cores, {a.threads} torch threads per "
+          "process), "
           f"apa-fast {v['apa-fast']}, trl {v['trl']}, transformers {v['transformers']}, torch {v['torch']}; "
           f"iterations per run: {out['settings']['steps']} (tokens/s over 2..K), {repeats} interleaved "
           "repeat(s).\n")

@@ -67,7 +67,8 @@ def test_tiny_job_trl_with_liger(tmp_path):
     pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (the optional [peers] extra)")
     assert peers.main(["--tiny", "--impls", "trl+liger", "--results-dir", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "latest-cpu-peers.json").read_text())
-    assert data["versions"]["liger-kernel"] and data["settings"]["trl_rows"] == {"trl+liger": {"use_liger_kernel": True}}
+    assert data["versions"]["liger-kernel"]
+    assert data["settings"]["trl_rows"] == {"trl+liger": {"use_liger_kernel": True}}
     (row,) = data["rows"]
     assert row["impl"] == "trl+liger" and row["job"] == "a"
     # job a's model is a GPT-J, a type Liger has no kernels for: TRL ran with use_liger_kernel=True and nothing
