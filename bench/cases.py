@@ -17,6 +17,12 @@ Implementations, per op:
   steps as verl's masked GAE does) and ``loop[trlx]`` (the same loop without the mask, as trlx).
 - linear ops: ``linear_cross_entropy`` (PyTorch's, chunked through ``LinearCrossEntropyOptions``) and
   ``eager`` (``hidden @ weight.T`` + ``log_softmax`` + ``gather``).
+- ``linear_grpo_loss`` (GRPO from hidden states, B sequences of T = 256 tokens, on-policy, beta = 0.04):
+  ``apa_fast[torch]`` (``linear_token_loss`` + ``grpo_token_loss``), ``apa_fast[torch]:apa`` (the same call with
+  ``apa_token_loss``: Liger has no APA, the matmul work is the same), ``liger[c=K]`` / ``liger-compiled[c=K]``
+  (Liger-Kernel's ``LigerFusedLinearGRPOLoss``, ``loss_type="dapo"``: the token mean over the batch's unmasked
+  tokens, which is ``grpo_token_loss``'s ``sum(m * l) / sum(m)``; K sequences per chunk; compiled = its
+  ``torch.compile`` of the loss math) and ``eager`` (logits, ``log_softmax``, ``gather``, the same TokenLoss).
 
 Written for this project; the baselines are re-implemented from the public descriptions of the
 trainers they stand for.
@@ -39,12 +45,17 @@ IMPLS = {
     "apa_loss": ("apa_fast[torch]", "apa_fast[triton]", "eager", "compile", "cross_entropy", "liger"),
     "gae": ("apa_fast[torch]", "apa_fast[torch]-nocheck", "apa_fast[triton]", "loop[verl]", "loop[trlx]"),
     "linear_apa_loss": ("apa_fast[torch]", "apa_fast[triton]", "linear_cross_entropy", "eager"),
+    "linear_grpo_loss": ("apa_fast[torch]", "apa_fast[torch]:apa", "liger[c=1]", "liger[c=2]", "liger[c=4]",
+                         "liger[c=8]", "liger-compiled[c=4]", "eager"),
 }
+
+# linear_grpo_loss: tokens per sequence, the masked tail of each (the issue's 56 of 256) and the GRPO settings
+GRPO_T, GRPO_MASKED_TAIL, GRPO_BETA, GRPO_CLIP = 256, 56, 0.04, 0.2
 
 # Implementations skipped (with the reason) rather than failed when their warm-up step raises here:
 # the optional or version-dependent baselines, and this project's backends (some still being written).
 SKIP_ON_FAILURE = frozenset(
-    {"compile", "liger", "linear_cross_entropy"}
+    {"compile", "liger", "linear_cross_entropy"} | {i for i in IMPLS["linear_grpo_loss"] if i.startswith("liger")}
     | {i for impls in IMPLS.values() for i in impls if i.startswith("apa_fast")}
 )
 
@@ -89,6 +100,9 @@ def shapes(op: str, profile: str, device: str) -> list[dict]:
         out = [dict(N=n, H=h, V=v, dtype=d, mode="fwd+bwd") for n, h, v, d in grid]
         # PPO's and AWR's losses through the same fused path (the trainer's update for --algo ppo/awr)
         out += [dict(out[0], loss=loss) for loss in ("ppo", "awr")]
+    elif op == "linear_grpo_loss":  # the full grid is python -m bench.liger's (hours on 2 cores)
+        grid = [(2048, 768, 50400)] if quick else [(2048, 768, v) for v in (50400, 151936, 262144)]
+        out = [dict(N=n, H=h, V=v, dtype="fp32", mode="fwd+bwd", masked=m) for n, h, v in grid for m in (True, False)]
     return out
 
 
@@ -98,7 +112,8 @@ def shape_id(shape: dict) -> str:
     s = f"N{shape['N']}"
     if "H" in shape:
         s += f"-H{shape['H']}"
-    return s + f"-V{shape['V']}-{shape['dtype']}-{shape['mode']}" + (f"-{shape['loss']}" if "loss" in shape else "")
+    s += f"-V{shape['V']}-{shape['dtype']}-{shape['mode']}" + (f"-{shape['loss']}" if "loss" in shape else "")
+    return s + ({True: "-masked", False: "-nomask"}[shape["masked"]] if "masked" in shape else "")
 
 
 def shape_label(shape: dict) -> str:
@@ -108,7 +123,11 @@ def shape_label(shape: dict) -> str:
     s = f"N={shape['N']}"
     if "H" in shape:
         s += f", H={shape['H']}"
-    return s + f", V={shape['V']:,}, {shape['dtype']}, {shape['mode']}" + (f", {shape['loss']} loss" if "loss" in shape else "")
+    s += f", V={shape['V']:,}, {shape['dtype']}, {shape['mode']}"
+    s += f", {shape['loss']} loss" if "loss" in shape else ""
+    if "masked" in shape:
+        s += f", {GRPO_MASKED_TAIL}/{GRPO_T} masked" if shape["masked"] else ", no mask"
+    return s
 
 
 # -------------------------------------------------------------------------------------- availability
@@ -124,6 +143,8 @@ def unavailable(op: str, impl: str, device: str) -> str | None:
             return "Liger-Kernel runs on CUDA only"
         if importlib.util.find_spec("liger_kernel") is None:
             return "liger_kernel not installed"
+    if op == "linear_grpo_loss" and impl.startswith("liger") and importlib.util.find_spec("liger_kernel") is None:
+        return "liger_kernel not installed (pip install -e '.[bench]' -c constraints.txt)"
     if op == "linear_apa_loss" and impl == "linear_cross_entropy" and not hasattr(F, "linear_cross_entropy"):
         return "torch.nn.functional.linear_cross_entropy needs a newer PyTorch"
     return None
@@ -392,6 +413,85 @@ def _linear(impl: str, shape: dict, device: str) -> Case:
                 2 * (N * H + V * H) * elt, N)
 
 
+def liger_config(impl: str) -> tuple[bool, int]:
+    """``"liger-compiled[c=4]"`` -> (compiled True, chunk_size 4)."""
+    if not impl.startswith("liger") or "[c=" not in impl or not impl.endswith("]"):
+        raise ValueError(f"impl must read liger[c=K] or liger-compiled[c=K], got {impl!r}")
+    return impl.startswith("liger-compiled"), int(impl[impl.index("[c=") + 3 : -1])
+
+
+@functools.lru_cache(maxsize=1)  # one shape's inputs at a time, shared by its implementations
+def _grpo_inputs(N: int, H: int, V: int, masked: bool, device: str):
+    if N % GRPO_T:
+        raise ValueError(f"N must be a multiple of {GRPO_T} (sequences of {GRPO_T} tokens), got {N}")
+    B = N // GRPO_T
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(B, GRPO_T, H, generator=g).to(device).requires_grad_()
+    w = (torch.randn(V, H, generator=g) / H**0.5).to(device).requires_grad_()
+    labels = torch.randint(0, V, (B, GRPO_T), generator=g).to(device)
+    mask = torch.ones(B, GRPO_T, dtype=torch.bool)
+    if masked:
+        mask[:, GRPO_T - GRPO_MASKED_TAIL:] = False
+    adv = torch.randn(B, generator=g).to(device)  # one advantage per sequence (GRPO's group-normalised score)
+    # the reference policy's log-probs near this one's (a uniform-ish policy's -log V): k3 and its gradient non-trivial
+    ref = (torch.randn(B, GRPO_T, generator=g) * 0.1 - float(torch.log(torch.tensor(float(V))))).to(device)
+    return h, w, labels, mask.to(device), adv, ref
+
+
+def grpo_inputs(shape: dict, device: str):
+    """(hidden (B, T, H), weight (V, H), labels, mask, advantages (B,), ref_logprobs (B, T)) of a linear_grpo_loss
+    shape; the same tensors for every implementation of the shape (cached: build one shape at a time)."""
+    return _grpo_inputs(shape["N"], shape["H"], shape["V"], bool(shape.get("masked", True)), device)
+
+
+def grpo_step_fn(impl: str, h, w, labels, mask, adv, ref) -> Callable[[], torch.Tensor]:
+    """A function returning the loss tensor (gradients already formed or formed by ``.backward()``)."""
+    from apa_fast import losses
+
+    adv_tok = adv[:, None].expand_as(ref).contiguous()
+    if impl.startswith("liger"):
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        compiled, chunk = liger_config(impl)
+        mod = LigerFusedLinearGRPOLoss(beta=GRPO_BETA, compiled=compiled, chunk_size=chunk, epsilon_low=GRPO_CLIP,
+                                       epsilon_high=GRPO_CLIP, loss_type="dapo", use_ref_model=True)
+        am = mask.to(h.dtype)
+        return lambda: mod(h, w, labels, am, adv, ref_per_token_logps=ref)[0]
+    if impl == "apa_fast[torch]:apa":
+        tl = losses.apa_token_loss(ref, adv_tok, mask, lam=LAM_APA)
+    else:
+        tl = losses.grpo_token_loss(None, ref, adv_tok, mask, clip=GRPO_CLIP, beta=GRPO_BETA)
+    if impl.startswith("apa_fast"):
+        import apa_fast
+
+        be = _backend(impl)
+        return lambda: apa_fast.linear_token_loss(h, w, labels, tl, backend=be)
+    if impl == "eager":
+        return lambda: tl(_eager_logp(h @ w.t(), labels))
+    raise ValueError(f"unknown linear_grpo_loss impl {impl!r}")
+
+
+def _linear_grpo(impl: str, shape: dict, device: str) -> Case:
+    h, w, labels, mask, adv, ref = grpo_inputs(shape, device)
+    f = grpo_step_fn(impl, h, w, labels, mask, adv, ref)
+    holder: dict = {}
+
+    def step():
+        f().backward()
+        _sync(device)
+        holder["r"] = (h.grad, w.grad)
+        return holder["r"]
+
+    def reset():
+        holder.clear()
+        h.grad = None
+        w.grad = None
+
+    N, H, V = shape["N"], shape["H"], shape["V"]
+    return Case(step, reset, _nbytes(h, w, labels, mask, adv, ref), (N * H + V * H) * 4, 2 * (N * H + V * H) * 4,
+                int(mask.sum()))
+
+
 def build(op: str, impl: str, shape: dict, device: str) -> Case:
     if op in ("logprobs", "apa_loss"):
         return _logit_op(op, impl, shape, device)
@@ -399,4 +499,6 @@ def build(op: str, impl: str, shape: dict, device: str) -> Case:
         return _gae(impl, shape, device)
     if op == "linear_apa_loss":
         return _linear(impl, shape, device)
+    if op == "linear_grpo_loss":
+        return _linear_grpo(impl, shape, device)
     raise ValueError(op)

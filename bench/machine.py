@@ -2,7 +2,8 @@
 
 CPU: read, write and copy bandwidth over a buffer far larger than the caches (the buffer already
 touched), the cost of writing a *fresh* buffer (first touch page-faults: every new gradient pays
-it), and exp throughput on an L2-resident chunk. CUDA: the device's peak bandwidth from its memory
+it), exp throughput on an L2-resident chunk, and the fp32 matmul rate (the floor of the losses from
+hidden states). CUDA: the device's peak bandwidth from its memory
 clock and bus width, and a measured device-to-device copy.
 """
 
@@ -119,6 +120,7 @@ def bounds(device: str) -> dict:
     out["write_GBps"] = gb / _median(lambda: b.fill_(1.0))
     out["copy_GBps"] = 2 * gb / _median(lambda: b.copy_(a))
     out["fresh_write_GBps"] = gb / _median(lambda: torch.empty_like(a).fill_(1.0))
+    out["matmul_GFLOPs"] = matmul_gflops(1024)
     c = torch.randn(5, 50400)
     cb = torch.empty_like(c)
     reps = 200
@@ -130,3 +132,14 @@ def bounds(device: str) -> dict:
     finally:
         torch.set_num_threads(nt)
     return out
+
+
+def matmul_gflops(k: int, m: int = 2048, n: int = 8192, reps: int = 5) -> float:
+    """The measured fp32 matmul rate, GFLOP/s: ``(m x k) @ (k x n)`` (``a @ b.T``, as an LM head's logits), the
+    median of ``reps`` after one warm-up. A fused loss from hidden states does at least ``6 N H V`` FLOP (the logits,
+    then the gradients of hidden and weight), so ``6 N H V / rate`` is its floor on this machine."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    out = torch.empty(m, n)
+    torch.matmul(a, b.t(), out=out)
+    return 2.0 * m * k * n / _median(lambda: torch.matmul(a, b.t(), out=out), reps) / 1e9

@@ -1,9 +1,17 @@
 """apa-fast's trainer against TRL's on the same jobs, side by side in one run on this machine.
 
-``python -m bench.peers [--jobs a,b,c] [--steps K] [--repeats R] [--threads T] [--tiny]``
+``python -m bench.peers [--jobs a,b,c] [--impls ...] [--steps K] [--repeats R] [--threads T] [--quick | --tiny]``
 
-Each (job, implementation) runs in its own process, interleaved (a-apa, a-trl, b-apa, b-trl, then the next
-repeat with the order inside each job swapped), so that the ratios are measured under the same load. Jobs:
+Each (job, implementation) runs in its own process, interleaved (a-apa, a-trl, a-trl+liger, b-apa, ..., then the
+next repeat with the order inside each job reversed), so that the ratios are measured under the same load.
+Implementations: ``apa-fast`` (``python -m train.run``) and, per GRPO job, every TRL row of ``TRL_ROWS``: ``trl``
+(``GRPOTrainer`` as below) and ``trl+liger`` (the same with ``use_liger_kernel=True``, as TRL's users switch on
+Liger-Kernel). In TRL 1.16 that flag applies Liger's layer kernels to the model (RMSNorm, RoPE, SwiGLU, ... for
+the model types Liger patches; ``fused_linear_cross_entropy`` forced off) and leaves the loss to TRL's own chunked
+LM head (``add_fused_lm_head``), which every TRL row uses: ``LigerFusedLinearGRPOLoss`` is no longer TRL's loss
+(``python -m bench.liger`` measures it at the kernel level). Liger's layer kernels are Triton GPU kernels: on a CPU
+the row is recorded as not run for a model type Liger patches (Triton has no CPU driver), and for one it does not
+patch (job a's GPT-J) TRL runs with nothing applied, which the row records (``liger_applied``). Jobs:
 
 - ``a``: the offline arithmetic task (the warmed-up tiny GPT-J and its character tokenizer,
   ``train/data/arith_prompts.jsonl``, ``train.tasks.offline:arith_reward``), GRPO, 16 prompts x 4 samples per
@@ -58,10 +66,14 @@ What is measured, identically for both:
 - **peak RSS**: ``VmHWM`` of the training process (each job runs alone in its own process; nothing spawns
   children), read by the process itself at the end (apa-fast: its metrics' ``max_rss_gb``).
 
-Writes ``bench/results/peers-<stamp>.json`` and ``latest-cpu-peers.json`` (``rows``: one per job and
-implementation with the median over repeats and every repeat's figure; ``machine``; ``versions``;
-``settings``) and prints a Markdown table. ``--tiny`` (for the test): job a at 4 prompts x 2 samples, 2
-iterations, one repeat.
+Writes ``bench/results/peers-<stamp>.json`` and ``latest-cpu-peers.json`` (``--quick``: ``peers-quick-...``;
+``rows``: one per job and implementation with the median over repeats and every repeat's figure; ``machine``; ``versions``;
+``settings``) and prints a Markdown table. Ratios are to each TRL row and to the best of them (highest median
+tokens/s), the targets to the best. ``--quick``: every job's smallest meaningful run (``Job.quick_steps``
+iterations: one warm-up, then one measured for job b, three for the sub-second iterations of a and c), one
+repeat, for a look in a few minutes. ``--tiny`` (for the tests):
+job a at 4 prompts x 2 samples, 2 iterations, one repeat. A new job is one more ``JOBS`` entry: every
+implementation above runs on it.
 """
 
 from __future__ import annotations
@@ -103,13 +115,15 @@ class Job:
     lr: float = 3e-4
     beta: float = 0.04  # GRPO's KL coefficient (k3 in the loss)
     steps: int = 8  # iterations per run unless --steps (the first is left out)
+    quick_steps: int = 2  # --quick: one warm-up iteration and the rest measured (3 for the sub-second iterations)
 
 
 JOBS = {
-    "a": Job("a", "offline arithmetic, tiny GPT-J, GRPO 16x4", "offline", "grpo", 16, 4, 16, 2, 4),
+    "a": Job("a", "offline arithmetic, tiny GPT-J, GRPO 16x4", "offline", "grpo", 16, 4, 16, 2, 4, quick_steps=4),
     "b": Job("b", "Llama 12x768 V=50,400 (~162M), GRPO 8x4, 64 tokens", "llama160m", "grpo", 8, 4, 8, 1, 64, 64,
              lr=1e-6, steps=3),
-    "c": Job("c", "offline arithmetic, tiny GPT-J, PPO/APA with a critic, 64x1", "offline", "ppo", 64, 1, 32, 2, 4),
+    "c": Job("c", "offline arithmetic, tiny GPT-J, PPO/APA with a critic, 64x1", "offline", "ppo", 64, 1, 32, 2, 4,
+             quick_steps=4),
 }
 
 
@@ -127,10 +141,17 @@ def dataset_file() -> str:
     return str(offline.DATA_DIR / "arith_prompts.jsonl")
 
 
-def trl_unavailable(job: Job) -> str | None:
-    """Why TRL cannot run ``job`` here (None: it can)."""
+# TRL's rows: name -> GRPOConfig fields set on top of the matched settings (trl_worker)
+TRL_ROWS = {"trl": {}, "trl+liger": {"use_liger_kernel": True}}
+TRL_VLLM = ("trl vllm", {"use_vllm": True})  # --trl-vllm: colocated vLLM generation (CUDA + vLLM only)
+
+
+def trl_unavailable(job: Job, row: str = "trl") -> str | None:
+    """Why TRL's row ``row`` cannot run ``job`` here (None: it can, as far as can be told before starting it)."""
     if importlib.util.find_spec("trl") is None:
         return "TRL is not installed (pip install -e '.[peers]' -c constraints.txt)"
+    if row == "trl+liger" and importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install -e '.[peers]' -c constraints.txt)"
     if job.algo != "grpo":
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # looking for trl.experimental.ppo warns otherwise
         has_ppo = importlib.util.find_spec("trl.experimental") is not None and \
@@ -174,10 +195,10 @@ def run_apa(job: Job, steps: int, threads: int, algo: str | None = None) -> dict
             "command": "python " + res["command"]}
 
 
-def run_trl(job: Job, steps: int, threads: int, vllm: bool = False) -> dict:
-    """TRL's GRPOTrainer on the job, in a child process (``--trl-worker``)."""
+def run_trl(job: Job, steps: int, threads: int, config: dict | None = None) -> dict:
+    """TRL's GRPOTrainer on the job, in a child process (``--trl-worker``); ``config``: GRPOConfig fields on top."""
     spec = dict(job=asdict(job), steps=steps, threads=threads, model=model_dir(job), dataset=dataset_file(),
-                vllm=vllm)
+                config=config or {})
     with tempfile.TemporaryDirectory(prefix="apa-bench-trl-") as tmp:
         out = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "bench.peers", "--trl-worker", json.dumps(spec), "--worker-out", out]
@@ -186,6 +207,20 @@ def run_trl(job: Job, steps: int, threads: int, vllm: bool = False) -> dict:
             return {"error": (p.stdout + p.stderr)[-600:], "command": "python -m bench.peers --trl-worker ..."}
         with open(out) as f:
             return json.load(f)
+
+
+def liger_on_cpu(model: str) -> tuple[bool, str | None]:
+    """(whether Liger patches this model's type, why the row cannot run here or None). Imports transformers."""
+    import torch
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    from transformers import AutoConfig
+
+    mt = AutoConfig.from_pretrained(model).model_type
+    patched = mt in MODEL_TYPE_TO_APPLY_LIGER_FN
+    if patched and not torch.cuda.is_available():
+        return True, (f"use_liger_kernel=True patches {mt} with Liger's Triton kernels (RMSNorm, RoPE, SwiGLU), which "
+                      "need a GPU: on this CPU Triton has no driver ('0 active drivers')")
+    return patched, None
 
 
 def trl_worker(spec: dict) -> dict:
@@ -226,6 +261,13 @@ def trl_worker(spec: dict) -> dict:
             if state.global_step % per_iter == 0:
                 self.times.append(time.perf_counter() - self.t0)
 
+    extra = dict(spec.get("config") or {})
+    liger_applied = None
+    if extra.get("use_liger_kernel"):
+        liger_applied, why = liger_on_cpu(spec["model"])
+        if why:
+            return {"error": why, "liger_applied": liger_applied}
+
     with tempfile.TemporaryDirectory(prefix="trl-out-") as tmp:
         args = GRPOConfig(
             output_dir=tmp, use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False, seed=0,
@@ -236,8 +278,7 @@ def trl_worker(spec: dict) -> dict:
             num_iterations=job.epochs, max_completion_length=job.max_new_tokens, temperature=1.0, top_p=1.0,
             top_k=0, generation_kwargs={"min_new_tokens": job.min_new_tokens} if job.min_new_tokens else None,
             beta=job.beta, epsilon=0.2, loss_type="dapo", scale_rewards="group", use_bias_correction_kl=False,
-            model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"},
-            use_vllm=spec.get("vllm", False),
+            model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"}, **extra,
         )
         tok = AutoTokenizer.from_pretrained(spec["model"])
         ds = load_dataset("json", data_files=spec["dataset"], split="train")
@@ -245,9 +286,12 @@ def trl_worker(spec: dict) -> dict:
         trainer = GRPOTrainer(model=spec["model"], reward_funcs=arith_reward, args=args, train_dataset=ds,
                               processing_class=tok, callbacks=[timer])
         trainer.train()
-    return {"iterations": list(zip(gen_tokens, timer.times)), "peak_rss_gb": peak_rss_gb(),
-            "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
-                              else trainer.optimizer).__name__ + f" ({args.optim})"}
+    out = {"iterations": list(zip(gen_tokens, timer.times)), "peak_rss_gb": peak_rss_gb(), "config": extra,
+           "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
+                             else trainer.optimizer).__name__ + f" ({args.optim})"}
+    if liger_applied is not None:
+        out["liger_applied"] = liger_applied  # False: Liger has no kernels for this model type (TRL ran unchanged)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,7 +306,7 @@ def throughput(iterations: list) -> tuple[float, int]:
 
 def versions() -> dict:
     out = {}
-    for pkg in ("torch", "transformers", "trl", "accelerate", "datasets"):
+    for pkg in ("torch", "transformers", "trl", "liger-kernel", "accelerate", "datasets"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -285,23 +329,35 @@ def _git() -> str:
     return _git_rev()
 
 
-def measure(jobs: list[Job], steps: int, repeats: int, threads: int, vllm: bool = False, log=print) -> list[dict]:
-    """Every (job, implementation) ``repeats`` times, interleaved; one row per job and implementation."""
+def implementations(job: Job, vllm: bool = False) -> list[tuple[str, str | None, dict | None]]:
+    """(row name, apa-fast algo or None, TRL config or None) for every row of ``job``."""
+    if job.algo == "grpo":
+        out: list[tuple[str, str | None, dict | None]] = [("apa-fast", None, None)]
+    else:
+        out = [("apa-fast APA", "apa", None), ("apa-fast PPO", "ppo", None)]
+    rows = {**TRL_ROWS, TRL_VLLM[0]: TRL_VLLM[1]} if vllm else TRL_ROWS
+    return out + [(name, None, cfg) for name, cfg in rows.items()]
+
+
+def measure(jobs: list[Job], steps: int, repeats: int, threads: int, vllm: bool = False, log=print,
+            only: set[str] | None = None, quick: bool = False) -> list[dict]:
+    """Every (job, implementation) ``repeats`` times, interleaved; one row per job and implementation.
+    ``only``: row names to run; ``quick``: each job's ``quick_steps`` unless ``steps``."""
     runs: dict[tuple[str, str], list[dict]] = {}
     for rep in range(repeats):
         for job in jobs:
-            impls = [("apa-fast", None)] if job.algo == "grpo" else [("apa-fast APA", "apa"), ("apa-fast PPO", "ppo")]
-            impls += [("trl", "trl")] + ([("trl vllm", "trl-vllm")] if vllm else [])
-            for impl, how in (impls if rep % 2 == 0 else impls[::-1]):
-                why = trl_unavailable(job) if how and how.startswith("trl") else None
+            impls = [i for i in implementations(job, vllm) if only is None or i[0] in only]
+            n_steps = steps or (job.quick_steps if quick else job.steps)
+            for impl, algo, cfg in (impls if rep % 2 == 0 else impls[::-1]):
+                why = trl_unavailable(job, impl) if cfg is not None else None
                 if why:
                     runs.setdefault((job.name, impl), []).append({"error": why})
                     continue
                 t0 = time.time()
-                if how and how.startswith("trl"):
-                    r = run_trl(job, steps or job.steps, threads, vllm=how == "trl-vllm")
+                if cfg is not None:
+                    r = run_trl(job, n_steps, threads, config=cfg)
                 else:
-                    r = run_apa(job, steps or job.steps, threads, algo=how)
+                    r = run_apa(job, n_steps, threads, algo=algo)
                 r["wall_s"] = round(time.time() - t0, 1)
                 if "iterations" in r:
                     r["tokens_per_s"], r["measured_iterations"] = throughput(r["iterations"])
@@ -327,36 +383,49 @@ def rows_from(runs: dict) -> list[dict]:
                    peak_rss_gb_runs=rss, measured_iterations=ok[0]["measured_iterations"],
                    tokens_per_iteration=statistics.median(n for r in ok for n, _ in r["iterations"]),
                    command=ok[0].get("command"), runs=ok)
+        if any("liger_applied" in r for r in rs):
+            row["liger_applied"] = next(r["liger_applied"] for r in rs if "liger_applied" in r)
         rows.append(row)
     for row in rows:
-        trl = next((r for r in rows if r["job"] == row["job"] and r["impl"] == "trl" and "tokens_per_s" in r), None)
-        if trl is None or not row["impl"].startswith("apa-fast") or "tokens_per_s" not in row:
+        if not row["impl"].startswith("apa-fast") or "tokens_per_s" not in row:
             continue
-        pairs = list(zip(row["tokens_per_s_runs"], trl["tokens_per_s_runs"]))
-        row["speed_vs_trl_runs"] = [a / b for a, b in pairs]
-        row["speed_vs_trl"] = statistics.median(row["speed_vs_trl_runs"])
-        row["rss_vs_trl_runs"] = [a / b for a, b in zip(row["peak_rss_gb_runs"], trl["peak_rss_gb_runs"])]
-        row["rss_vs_trl"] = statistics.median(row["rss_vs_trl_runs"])
+        trls = [r for r in rows if r["job"] == row["job"] and r["impl"].startswith("trl") and "tokens_per_s" in r]
+        for trl in trls:
+            key = "" if trl["impl"] == "trl" else "_" + trl["impl"].replace(" ", "_").replace("+", "_")
+            pairs = list(zip(row["tokens_per_s_runs"], trl["tokens_per_s_runs"]))
+            row[f"speed_vs_trl{key}_runs"] = [a / b for a, b in pairs]
+            row[f"speed_vs_trl{key}"] = statistics.median(row[f"speed_vs_trl{key}_runs"])
+            row[f"rss_vs_trl{key}_runs"] = [a / b for a, b in zip(row["peak_rss_gb_runs"], trl["peak_rss_gb_runs"])]
+            row[f"rss_vs_trl{key}"] = statistics.median(row[f"rss_vs_trl{key}_runs"])
+        if trls:  # the targets are against the best TRL row: the highest median tokens/s
+            best = max(trls, key=lambda r: r["tokens_per_s"])
+            row["best_trl"] = best["impl"]
+            key = "" if best["impl"] == "trl" else "_" + best["impl"].replace(" ", "_").replace("+", "_")
+            for f in ("speed", "rss"):
+                row[f"{f}_vs_best_trl"] = row[f"{f}_vs_trl{key}"]
+                row[f"{f}_vs_best_trl_runs"] = row[f"{f}_vs_trl{key}_runs"]
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     """The table: per row tokens/s (median; min-max over repeats), peak RSS, ratios to TRL, targets."""
-    lines = ["| job | impl | tokens/s (median; range) | peak RSS GB | speed vs TRL | RSS vs TRL | targets |",
+    lines = ["| job | impl | tokens/s (median; range) | peak RSS GB | speed vs best TRL | RSS vs best TRL | targets |",
              "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         if "tokens_per_s" not in r:
-            lines.append(f"| {r['job']} | {r['impl']} | not run: {r['error'].splitlines()[-1][:160]} | | | | |")
+            lines.append(f"| {r['job']} | {r['impl']} | not run: {r['error'].splitlines()[-1][:200]} | | | | |")
             continue
         rng = f"{min(r['tokens_per_s_runs']):,.1f}-{max(r['tokens_per_s_runs']):,.1f}"
-        sp = f"{r['speed_vs_trl']:.2f}x ({min(r['speed_vs_trl_runs']):.2f}-{max(r['speed_vs_trl_runs']):.2f})" \
-            if "speed_vs_trl" in r else ""
-        mem = f"{r['rss_vs_trl']:.2f}x" if "rss_vs_trl" in r else ""
+        sp = (f"{r['speed_vs_best_trl']:.2f}x ({min(r['speed_vs_best_trl_runs']):.2f}-"
+              f"{max(r['speed_vs_best_trl_runs']):.2f}; best: {r['best_trl']})") if "speed_vs_best_trl" in r else ""
+        mem = f"{r['rss_vs_best_trl']:.2f}x" if "rss_vs_best_trl" in r else ""
+        if r.get("liger_applied") is False:
+            sp = "Liger applied no kernel to this model type: TRL unchanged"
         tgt = ""
-        if "speed_vs_trl" in r:
-            tgt = f"speed >= 1.5x: {'met' if r['speed_vs_trl'] >= 1.5 else 'NOT met'}"
+        if "speed_vs_best_trl" in r:
+            tgt = f"speed >= 1.5x: {'met' if r['speed_vs_best_trl'] >= 1.5 else 'NOT met'}"
             if r["job"] == "b":
-                tgt += f"; RSS <= 0.8x: {'met' if r['rss_vs_trl'] <= 0.8 else 'NOT met'}"
+                tgt += f"; RSS <= 0.8x: {'met' if r['rss_vs_best_trl'] <= 0.8 else 'NOT met'}"
         lines.append(f"| {r['job']} | {r['impl']} | {r['tokens_per_s']:,.1f} ({rng}) | {r['peak_rss_gb']:.2f} | "
                      f"{sp} | {mem} | {tgt} |")
     return "\n".join(lines)
@@ -369,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="iterations per run, the first left out as warm-up (0: each job's own: a, c 8; b 3)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each (job, implementation), interleaved")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every process")
+    ap.add_argument("--impls", default="", help="comma-separated rows to run (default all: apa-fast[ APA/PPO], "
+                                                "" + ", ".join(TRL_ROWS) + ")")
+    ap.add_argument("--quick", action="store_true",
+                    help="every job's smallest meaningful run: its quick_steps iterations (one measured), 1 repeat")
     ap.add_argument("--tiny", action="store_true", help="job a at 4 prompts x 2 samples, 2 iterations, 1 repeat")
     ap.add_argument("--trl-vllm", action="store_true", help="also TRL with use_vllm=True (CUDA + vLLM only)")
     ap.add_argument("--results-dir", default=RESULTS)
@@ -387,6 +460,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     jobs = [JOBS[n] for n in names]
+    known = {i[0] for j in JOBS.values() for i in implementations(j, True)}
+    only = {i.strip() for i in a.impls.split(",") if i.strip()} or None
+    if only and only - known:
+        print(f"error: unknown --impls {','.join(sorted(only - known))!r}; rows: {', '.join(sorted(known))}",
+              file=sys.stderr)
+        return 2
+    if a.quick and a.tiny:
+        print("error: --quick and --tiny are two different short runs: pass one", file=sys.stderr)
+        return 2
     if any(j.algo == "grpo" for j in jobs) and importlib.util.find_spec("trl") is None:
         print("error: TRL is not installed; bench.peers compares against it: pip install -e '.[peers]' -c constraints.txt",
               file=sys.stderr)
@@ -395,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --trl-vllm needs vLLM installed (and a CUDA GPU)", file=sys.stderr)
         return 2
     steps, repeats = a.steps, a.repeats
+    if a.quick:
+        repeats = 1
     if a.tiny:
         jobs = [replace(JOBS["a"], prompts=4, samples=2, minibatch=4)]
         steps, repeats = 2, 1
@@ -403,29 +487,34 @@ def main(argv: list[str] | None = None) -> int:
     from .machine import describe
 
     t0 = time.time()
-    rows = measure(jobs, steps, repeats, a.threads, vllm=a.trl_vllm, log=lambda s: print(s, flush=True))
+    rows = measure(jobs, steps, repeats, a.threads, vllm=a.trl_vllm, log=lambda s: print(s, flush=True), only=only,
+                   quick=a.quick)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(a.threads)
     machine = describe(device)
     cmd = "python -m bench.peers " + " ".join(argv if argv is not None else sys.argv[1:])
     out = {"command": cmd.strip(), "machine": machine, "versions": versions(), "wall_s": round(time.time() - t0, 1),
-           "settings": {"steps": steps or {j.name: j.steps for j in jobs}, "repeats": repeats, "threads": a.threads, "precision": "fp32",
+           "settings": {"steps": steps or {j.name: j.quick_steps if a.quick else j.steps for j in jobs},
+                        "repeats": repeats, "threads": a.threads, "precision": "fp32", "quick": a.quick,
+                        "trl_rows": {k: v for k, v in TRL_ROWS.items() if only is None or k in only},
                         "attention": "sdpa", "jobs": {j.name: asdict(j) for j in jobs}, "reward": REWARD,
                         "tokens": "completion tokens up to and including the first EOS (no padding), iterations 2..K",
                         "peak_rss": "VmHWM of the training process"},
            "rows": rows}
     os.makedirs(a.results_dir, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    for name in (f"peers-{stamp}.json", f"latest-{device}-peers.json"):
+    kind = "peers-quick" if a.quick else "peers"  # a quick look does not replace the latest full run
+    for name in (f"{kind}-{stamp}.json", f"latest-{device}-{kind}.json"):
         with open(os.path.join(a.results_dir, name), "w") as f:
             json.dump(out, f, indent=1)
     v = out["versions"]
-    print(f"\n{device.upper()}: {machine['cpu']} ({machine['cpu_count']} cores, {a.threads} torch threads per process), "
+    print(f"\n{device.upper()}: {machine['cpu']} ({machine['cpu_count']} cores, {a.threads} torch threads per "
+          "process), "
           f"apa-fast {v['apa-fast']}, trl {v['trl']}, transformers {v['transformers']}, torch {v['torch']}; "
-          f"iterations per run: {steps or {j.name: j.steps for j in jobs}} (tokens/s over 2..K), {repeats} interleaved "
+          f"iterations per run: {out['settings']['steps']} (tokens/s over 2..K), {repeats} interleaved "
           "repeat(s).\n")
     print(markdown(rows))
-    print(f"\nwrote {os.path.join(a.results_dir, f'peers-{stamp}.json')}")
+    print(f"\nwrote {os.path.join(a.results_dir, f'{kind}-{stamp}.json')}")
     return 0
 
 

@@ -27,7 +27,8 @@ from .cases import shape_label
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
-BASELINE = {"logprobs": "eager", "apa_loss": "eager", "gae": "loop[verl]", "linear_apa_loss": "eager"}
+BASELINE = {"logprobs": "eager", "apa_loss": "eager", "gae": "loop[verl]", "linear_apa_loss": "eager",
+            "linear_grpo_loss": "eager"}
 
 
 def _mib(b) -> str:

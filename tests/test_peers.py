@@ -24,9 +24,27 @@ def test_import_needs_no_trl():
     assert out.strip() == "ok"
 
 
+def test_bad_impl_and_flag_mix_are_one_line(capsys):
+    assert peers.main(["--impls", "trl,nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown --impls 'nope'") and "\n" not in err
+    assert peers.main(["--quick", "--tiny"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --quick and --tiny")
+
+
+def test_every_grpo_job_gets_every_trl_row():
+    # a job added to JOBS (the real-model job) gets apa-fast and both TRL rows without further wiring
+    for job in peers.JOBS.values():
+        names = [n for n, _, _ in peers.implementations(job)]
+        if job.algo == "grpo":
+            assert names == ["apa-fast", "trl", "trl+liger"]
+        assert job.quick_steps >= 2  # one warm-up iteration and at least one measured
+    assert peers.TRL_ROWS["trl+liger"] == {"use_liger_kernel": True}
+
+
 def test_tiny_job_writes_rows(tmp_path):
     pytest.importorskip("trl", reason="TRL is not installed (the optional [peers] extra)")
-    assert peers.main(["--tiny", "--results-dir", str(tmp_path)]) == 0
+    assert peers.main(["--tiny", "--impls", "apa-fast,trl", "--results-dir", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "latest-cpu-peers.json").read_text())
     assert {"machine", "versions", "settings", "rows"} <= data.keys()
     assert data["versions"]["trl"]
@@ -39,4 +57,24 @@ def test_tiny_job_writes_rows(tmp_path):
         assert all(0 < n <= 4 * 2 * 4 for run in r["runs"] for n, _ in run["iterations"])
         assert len(r["runs"][0]["iterations"]) == 2
     assert impls["apa-fast"]["speed_vs_trl"] > 0 and impls["apa-fast"]["rss_vs_trl"] > 0
+    assert impls["apa-fast"]["best_trl"] == "trl"
+    assert impls["apa-fast"]["speed_vs_best_trl"] == impls["apa-fast"]["speed_vs_trl"]
     assert list(tmp_path.glob("peers-*.json"))
+
+
+def test_tiny_job_trl_with_liger(tmp_path):
+    pytest.importorskip("trl", reason="TRL is not installed (the optional [peers] extra)")
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (the optional [peers] extra)")
+    assert peers.main(["--tiny", "--impls", "trl+liger", "--results-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "latest-cpu-peers.json").read_text())
+    assert data["versions"]["liger-kernel"]
+    assert data["settings"]["trl_rows"] == {"trl+liger": {"use_liger_kernel": True}}
+    (row,) = data["rows"]
+    assert row["impl"] == "trl+liger" and row["job"] == "a"
+    # job a's model is a GPT-J, a type Liger has no kernels for: TRL ran with use_liger_kernel=True and nothing
+    # patched, which the row records rather than passing it off as Liger's speed
+    assert row["liger_applied"] is False
+    run = row["runs"][0]
+    assert run["config"] == {"use_liger_kernel": True}
+    assert row["tokens_per_s"] > 0 and row["peak_rss_gb"] > 0
+    assert len(run["iterations"]) == 2 and all(0 < n <= 4 * 2 * 4 for n, _ in run["iterations"])
