@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from train import algos as A
 from train import dist as D
 from train import models as M
 from train import setup as S
-from train.config import parse_args
+from train.config import Config, parse_args
 from train.errors import LoadError
 
 
@@ -458,3 +459,5 @@ def test_resume_applies_the_flags_that_may_change(tiny, tmp_path):
     cfg = S.resume_config(parse_args(argv), argv)
     assert (cfg.steps, cfg.save_every, cfg.plot, cfg.reward_timeout, cfg.lr, cfg.out) == (9, 3, False, 5.0, 1e-3, str(out))
     assert cfg.batch_size == 8 and cfg.max_new_tokens == 4  # the saved ones, not the preset's
+    resume_help = dataclasses.fields(Config)[[f.name for f in dataclasses.fields(Config)].index("resume")].metadata["help"]
+    assert all(f"--{k.replace('_', '-')}" in resume_help for k in S.RESUMABLE)  # the help lists each
