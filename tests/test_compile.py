@@ -55,10 +55,16 @@ def test_shared_memory_within_each_target(report):
 
 
 def test_no_spill_inside_a_loop(report):
-    """Spills outside every loop are accepted (bench.compile.SPILL_OUTSIDE_LOOPS); inside a loop, only with a
-    reason in bench.compile.ACCEPTED_SPILLS."""
+    """Spills outside every loop are accepted (bench.compile.SPILL_OUTSIDE_LOOPS); inside a loop, only the few
+    bytes bench.compile.ACCEPTED_SPILLS allows (with its reason), apart from the known defects."""
     bad = [p for p in bc.problems(report) if "spills in a loop" in p]
     assert bad == [], "\n".join(bad)
+
+
+@pytest.mark.xfail(strict=True, reason="bench.compile.KNOWN_SPILL_DEFECTS: fp32 _grad_w_kernel spills ~9 KB per "
+                   "thread inside its loop; when fixed this passes, and the entry must be removed")
+def test_known_spill_defects_fixed(report):
+    assert bc.known_defects(report) == []
 
 
 def test_set_covers_every_kernel_flag_and_block(report):
@@ -86,7 +92,8 @@ def test_set_covers_every_kernel_flag_and_block(report):
 
 def _fake(result: dict) -> dict:
     return dict(grid_problems=[], limits={"90": bv.LIMITS[90]},
-                variants=[dict(kernel="kernels.x._k", label="_k", results={"sm_90": dict(cap=90, **result)})])
+                variants=[dict(kernel="kernels.x._k", dtype="bf16", label="_k",
+                               results={"sm_90": dict(cap=90, **result)})])
 
 
 def test_problems_flags_shared_memory_and_loop_spills():
@@ -97,6 +104,11 @@ def test_problems_flags_shared_memory_and_loop_spills():
     assert bc.problems(_fake(outside)) == []
     inside = {**outside, "local_insts_in_loops": 1}
     assert "spills in a loop" in bc.problems(_fake(inside))[0]
+    tile = _fake({**inside, "spill_stores": 16})
+    tile["variants"][0]["kernel"] = "kernels.linear._grad_h_kernel"
+    assert bc.problems(tile) == []  # a few bytes at the ceiling: accepted, with a reason
+    tile["variants"][0]["results"]["sm_90"]["spill_stores"] = 9000
+    assert "spills in a loop" in bc.problems(tile)[0]
     assert "compile error" in bc.problems(_fake(dict(error="PTXASError: x")))[0]
 
 
