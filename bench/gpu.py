@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="parity,head,trainer", help="comma-separated of parity, head, trainer")
     ap.add_argument("--out", default=str(RESULTS), help="folder for gpu-<device>-<stamp>.json/.md")
     ap.add_argument("--steps", type=int, default=3, help="trainer iterations")
-    ap.add_argument("--head-budget-s", type=float, default=240.0,
+    ap.add_argument("--head-budget-s", type=float, default=180.0,
                     help="stop starting new head measurements after this many seconds")
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
             elif part == "head":
                 res = head(device, dry=device != "cuda", budget_s=args.head_budget_s)
             else:
-                res = trainer(device, args.steps, timeout=300 if device == "cuda" else 600)
+                res = trainer(device, args.steps, timeout=240 if device == "cuda" else 600)
         except Exception:  # noqa: BLE001 - one part's failure is reported, the others still run
             res = dict(error=traceback.format_exc()[-2000:])
         res["elapsed_s"] = round(time.perf_counter() - t, 1)
