@@ -195,11 +195,11 @@ def build_report(which: str, targets: list[str], jobs: int, only: list[str] | No
     grid_problems: list[str] = []
     for tgt, cap in caps:
         vs = bv.specialise(grid.launches, cap)
+        if not grid_problems:
+            grid_problems = bv.grid_problems(grid, vs)
         if only:
             vs = [v for v in vs if v.kernel.rsplit(".", 1)[1] in only]
         all_counts[tgt] = len(vs)
-        if not grid_problems:
-            grid_problems = bv.grid_problems(grid, vs)
         by_target[tgt] = vs if which == "full" else bv.representative(vs)
     # one row per variant (its key without the target), with a result per target
     rows: dict[str, dict] = {}
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         stem = out / f"compile-{report['stamp']}"
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+        stem.with_suffix(".json").write_text(json.dumps(report, separators=(",", ":"), default=str))
         stem.with_suffix(".md").write_text(md)
         print(f"wrote {stem}.md and .json")
     return 1 if problems(report) else 0

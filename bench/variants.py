@@ -56,12 +56,6 @@ LIMITS = {
 }
 
 
-def _torch():
-    import torch
-
-    return torch
-
-
 # ---------------------------------------------------------------------------------------------- kernels
 
 
@@ -97,7 +91,8 @@ def launched_kernels() -> dict[str, Any]:
 
 def _launcher_calls() -> dict[str, tuple[Callable, Iterator[dict]]]:
     """launcher qualified name -> (the launcher, the keyword arguments of each call in the grid)."""
-    torch = _torch()
+    import torch
+
     from kernels import gae, linear, logprobs
 
     dev = "meta"
