@@ -62,3 +62,11 @@ def apa_targets(lead: tuple[int, ...], seed: int, hole_frac: float = 0.3, device
     adv = torch.randn(lead, generator=g, dtype=torch.float64).to(device)
     m = (torch.rand(lead, generator=g) > hole_frac).to(device)
     return ref, adv, m
+
+
+# The other bounds of the fp32 parity tests, named so that bench.gpu checks CUDA runs by the same rules:
+FP32_GRAD_ATOL = 1e-5  # logits gradient: O(|g|) differences of probabilities rounded in fp32 (test_logprobs)
+FP32_RTOL = 2e-5  # losses (with LOSS_ATOL) and hidden/weight/bias gradients, relative to max(1, max |ref|)
+LOSS_ATOL = 1e-6
+LOWP_LOGP_MARGIN = 1e-5  # low-precision inputs: fp32 log-probs beyond eager's error (|logp| <~ 20)
+GAE_ATOL_PER_STEP = 1e-5  # fp32 GAE: up to T discounted deltas of O(1) summed, ~T ulps
