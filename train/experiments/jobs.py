@@ -7,6 +7,7 @@ checkpoint starts afresh, one with checkpoints is resumed. A killed experiment t
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import shutil
 import signal
@@ -23,6 +24,19 @@ def _die_with_parent() -> None:
         pass
 
 
+def in_use(d: Path) -> bool:
+    """Whether a live trainer holds the run directory's lock (``OUT/.lock``, train.stopping)."""
+    try:
+        with open(d / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    return False
+
+
 def run_jobs(todo: list[tuple[Path, list[str]]], jobs: int) -> list[str]:
     """Run each ``(run directory, command)`` with ``--out DIR`` (and ``--resume DIR`` where it has checkpoints) added,
     ``jobs`` at once, its output in ``DIR/log.txt``; the names of the runs that failed."""
@@ -32,6 +46,10 @@ def run_jobs(todo: list[tuple[Path, list[str]]], jobs: int) -> list[str]:
         while pending or live:
             while pending and len(live) < jobs:
                 d, cmd = pending.pop(0)
+                if in_use(d):
+                    failed.append(d.name)
+                    print(f"  SKIPPED {d.name}: another trainer is running in it", flush=True)
+                    continue
                 if d.exists() and not (d / "checkpoints").exists():
                     shutil.rmtree(d)  # killed before its first checkpoint: start it afresh
                 d.mkdir(parents=True, exist_ok=True)

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", default="1e-4", help="learning rate of every method")
     ap.add_argument("--search-lr", default="", metavar="LRS", help="comma-separated learning rates, each run per method")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (each a 1-thread process)")
+    ap.add_argument("--report-only", action="store_true", help="only aggregate the runs of the grid that are DONE")
     args, extra = ap.parse_known_args(argv)
     methods = args.methods.split(",")
     if unknown := [m for m in methods if m not in METHODS]:
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
              [sys.executable, "-m", "train.run", *BASE, *METHODS[m], "--lr", f"{lr:g}", "--seed", str(s),
               "--steps", str(args.steps), "--eval-every", str(args.steps), "--threads", "1", "--no-progress",
               "--no-export", "--no-tensorboard", "--no-plot", *extra]) for m, lr, s in grid]
-    failed = run_jobs(todo, args.jobs)
+    failed = [] if args.report_only else run_jobs(todo, args.jobs)
     results = [{"method": m, "lr": lr, "seed": s, **summary(d)}
                for (m, lr, s), (d, _) in zip(grid, todo) if (d / "DONE").exists()]
     (out / "results.json").write_text(json.dumps({"argv": argv or sys.argv[1:], "results": results}, indent=1))
