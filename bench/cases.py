@@ -379,6 +379,24 @@ def _token_loss(name: str, ref, adv, mask, V: int, g: torch.Generator):
     return losses.apa_token_loss(ref, adv, mask, lam=LAM_APA)
 
 
+def _backward_step(f, h: torch.Tensor, w: torch.Tensor, device: str):
+    """(step, reset) of a Case whose step is ``f().backward()`` on the leaf tensors h and w."""
+    holder: dict = {}
+
+    def step():
+        f().backward()
+        _sync(device)
+        holder["r"] = (h.grad, w.grad)
+        return holder["r"]
+
+    def reset():
+        holder.clear()
+        h.grad = None
+        w.grad = None
+
+    return step, reset
+
+
 def _linear(impl: str, shape: dict, device: str) -> Case:
     N, H, V, dt = shape["N"], shape["H"], shape["V"], DTYPES[shape["dtype"]]
     g = torch.Generator().manual_seed(0)
@@ -395,19 +413,7 @@ def _linear(impl: str, shape: dict, device: str) -> Case:
         f = lambda: loss(_lce_logp(h, w, labels))  # noqa: E731
     else:
         f = lambda: loss(_eager_logp(h @ w.t(), labels))  # noqa: E731
-    holder: dict = {}
-
-    def step():
-        f().backward()
-        _sync(device)
-        holder["r"] = (h.grad, w.grad)
-        return holder["r"]
-
-    def reset():
-        holder.clear()
-        h.grad = None
-        w.grad = None
-
+    step, reset = _backward_step(f, h, w, device)
     elt = h.element_size()
     return Case(step, reset, _nbytes(h, w, labels, ref, adv, mask), (N * H + V * H) * elt,
                 2 * (N * H + V * H) * elt, N)
@@ -474,19 +480,7 @@ def grpo_step_fn(impl: str, h, w, labels, mask, adv, ref) -> Callable[[], torch.
 def _linear_grpo(impl: str, shape: dict, device: str) -> Case:
     h, w, labels, mask, adv, ref = grpo_inputs(shape, device)
     f = grpo_step_fn(impl, h, w, labels, mask, adv, ref)
-    holder: dict = {}
-
-    def step():
-        f().backward()
-        _sync(device)
-        holder["r"] = (h.grad, w.grad)
-        return holder["r"]
-
-    def reset():
-        holder.clear()
-        h.grad = None
-        w.grad = None
-
+    step, reset = _backward_step(f, h, w, device)
     N, H, V = shape["N"], shape["H"], shape["V"]
     return Case(step, reset, _nbytes(h, w, labels, mask, adv, ref), (N * H + V * H) * 4, 2 * (N * H + V * H) * 4,
                 int(mask.sum()))
