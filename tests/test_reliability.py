@@ -108,7 +108,11 @@ def test_a_signal_finishes_the_iteration_saves_and_resumes_exactly(tiny, tmp_pat
 def test_a_second_signal_abandons_at_once(tiny, tmp_path):
     out = tmp_path / "run"
     proc = _start(_args(tiny, out, "slow_reward", "--save-every", "1"))
-    _wait_rows(out, 2, proc)  # the checkpoint of iteration 1 is written before the row of iteration 2
+    _wait_rows(out, 2, proc)
+    t0 = time.time()  # iteration 2's checkpoint written: the first signal then lands in iteration 3, not in its end
+    while not ((out / "checkpoints" / "latest").exists() and _latest(out) == "step_000002"):
+        assert proc.poll() is None and time.time() - t0 < 60, proc.communicate()
+        time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.05)  # inside the same iteration: its reward alone takes 0.25 s
     proc.send_signal(signal.SIGTERM)
