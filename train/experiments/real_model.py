@@ -17,12 +17,12 @@ import statistics
 import sys
 from pathlib import Path
 
-from ..config import DATA_DIR
 from ..metrics import read_metrics
+from ..tasks import chat_sums
 from .jobs import run_jobs
 
-BASE = ["--model", "smollm2-135m-instruct", "--dataset", str(DATA_DIR / "chat_sums_train.jsonl"),
-        "--eval-dataset", str(DATA_DIR / "chat_sums_eval.jsonl"), "--prompt-column", "messages",
+BASE = ["--model", "smollm2-135m-instruct", "--dataset", str(chat_sums.TRAIN_FILE),
+        "--eval-dataset", str(chat_sums.EVAL_FILE), "--prompt-column", chat_sums.PROMPT_COLUMN,
         "--reward-model", "train.tasks.chat_sums:reward", "--lora-rank", "8", "--samples-per-prompt", "4",
         "--batch-size", "4", "--minibatch-size", "4", "--epochs", "1", "--temperature", "0.7", "--max-new-tokens", "8",
         "--max-prompt-len", "64", "--eval-k", "4", "--lr-schedule", "constant"]
