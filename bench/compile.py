@@ -207,7 +207,7 @@ def build_report(which: str, targets: list[str], jobs: int, only: list[str] | No
     for tgt, vs in by_target.items():
         for v in vs:
             row_key = v.row_key
-            row = rows.setdefault(row_key, dict(kernel=v.kernel, dtype=v.dtype(), label=v.label(), launcher=v.launcher,
+            rows.setdefault(row_key, dict(kernel=v.kernel, dtype=v.dtype(), label=v.label(), launcher=v.launcher,
                                                 flags={k: x for k, x in v.flags().items()},
                                                 num_warps=v.options.get("num_warps"), results={}))
             work.append((row_key, tgt, v.work()))

@@ -109,7 +109,7 @@ class Iteration:
 
 def loop(run: Run, d, log, sig: Signals) -> int:
     """The iterations; 0 when the run is done (or stopped by --stop-after); a signal or failure raises Stopped."""
-    cfg, m, p, opt = run.cfg, run.models, run.progress, run.opt
+    cfg, m, p = run.cfg, run.models, run.progress
     done_here, t_ckpt, warned = 0, 0.0, False
     sig.where = f"--resume {run.out} continues from the last checkpoint"
     sig.in_loop = True
