@@ -132,7 +132,7 @@ def token_fwd(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ta
     for sl in ch:
         u = ch.logits(sl)
         spare = ch.scratch(2, u.shape[0]) if return_entropy else None
-        lp, ls, e = logp_rows(u, labels[sl].unsqueeze(1), ch.out(u), spare)
+        lp, ls, e = logp_rows(u, labels[sl].unsqueeze(1), ch.out(u), spare, ch.u_again(sl))
         logp[sl], lse[sl] = lp, ls
         if return_entropy:
             ent[sl] = e
@@ -200,7 +200,7 @@ def loss_fwd(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tau
         r = u.shape[0]
         idx = labels[sl].unsqueeze(1)
         if not want:
-            lp, _, e = logp_rows(u, idx, ch.out(u), ch.scratch(2, r) if scores else None)
+            lp, _, e = logp_rows(u, idx, ch.out(u), ch.scratch(2, r) if scores else None, ch.u_again(sl))
             if scores:
                 logp_all[sl], ent_all[sl] = lp, e
             total += loss.part(lp, sl)
@@ -211,7 +211,7 @@ def loss_fwd(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tau
             p = torch.softmax(u, -1, out=ch.scratch(1, r))
             lp = logp_from_p(p, idx, uy, ch.u_again(sl))
             logp_all[sl] = lp
-            ent_all[sl] = (uy - lp) - torch.linalg.vecdot(p, u)
+            ent_all[sl] = (uy - lp) - torch.linalg.vecdot(p, u) / p.sum(-1)
         else:
             p = torch.softmax(u, -1, out=ch.out(u))
         total += loss_grad_rows(p, idx, uy, ch.u_again(sl), loss, sl, tau, lp)

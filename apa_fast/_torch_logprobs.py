@@ -4,7 +4,7 @@ A chunk is ``u``: (rows, V) tempered logits in the accumulation dtype (fp32, or 
 Everything the fused ops compute on a chunk is in the ``*_rows`` functions below, written once
 and used by both this backend and ``_torch_linear``:
 
-    logp = u_y - lse(u)          H = -sum p log p             (logp_rows)
+    logp = u_y - lse(u)          H = -sum p log p             (logp_rows, logp_from_p)
     d/du [g logp] = g (onehot - p)                             (softmax_grad_rows, in place over p)
     d/du [g logp + ge H] = g (onehot - p) - ge p (t + H),  t = u - lse   (entropy_grad_rows)
     softcap c: z -> c tanh(z / c) before the temperature (softcap_rows), dz = du/tau * (1 - tanh^2)
@@ -37,14 +37,21 @@ _TINY = 1e-30  # below this p_y, log(p_y) is recomputed as u_y - logsumexp(u)
 # ---- row math shared with _torch_linear --------------------------------------------------------------
 
 
-def logp_rows(u: Tensor, idx: Tensor, out: Tensor, spare: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(logp, lse, entropy | None) of the rows ``u`` at labels ``idx`` (rows, 1). ``out`` receives
-    log_softmax(u) (it may be u itself on CPU); ``spare`` (rows, V), given when entropy is wanted, gets p."""
+def logp_rows(u: Tensor, idx: Tensor, out: Tensor, spare: Tensor | None,
+              u_again) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(logp, lse, entropy | None) of the rows ``u`` at labels ``idx`` (rows, 1). ``out`` receives (log_)softmax(u)
+    (it may be u itself on CPU); ``spare`` (rows, V), given when entropy is wanted, gets p; ``u_again``: see
+    ``logp_from_p``. With q = softmax(u) as computed and s = sum(q): logp = log q_y - log s, H = log s - q.log q / s."""
     uy = u.gather(-1, idx).squeeze(-1)
+    if spare is None:
+        logp = logp_from_p(torch.softmax(u, -1, out=out), idx, uy, u_again)
+        return logp, uy - logp, None
     ls = torch.log_softmax(u, -1, out=out)
-    logp = ls.gather(-1, idx).squeeze(-1)
-    ent = None if spare is None else -torch.linalg.vecdot(torch.exp(ls, out=spare), ls)
-    return logp, uy - logp, ent
+    p = torch.exp(ls, out=spare)
+    s = p.sum(-1)
+    log_s = s.log()
+    logp = ls.gather(-1, idx).squeeze(-1) - log_s
+    return logp, uy - logp, log_s - torch.linalg.vecdot(p, ls) / s
 
 
 def softmax_grad_rows(p: Tensor, idx: Tensor, c: Tensor) -> Tensor:
@@ -72,10 +79,11 @@ def softcap_grad_rows(d: Tensor, th: Tensor) -> Tensor:
 
 
 def logp_from_p(p: Tensor, idx: Tensor, uy: Tensor, u_again) -> Tensor:
-    """log p_y from softmax rows, exact (u_y - logsumexp(u)) on the rare rows where p_y underflows;
-    ``u_again(rows)`` recomputes their u (p may have overwritten it)."""
+    """log p_y - log sum(p) from softmax rows p, exact (u_y - logsumexp(u)) on the rare rows where p_y underflows;
+    ``u_again(rows)`` recomputes their u (p may have overwritten it). ATen's CPU softmax sums exp(u - max) in fp32
+    lanes, ~1e-4 off at V = 262,144 when one logit dominates; sum(p) (a cascaded sum) is 1 up to that error."""
     py = p.gather(-1, idx).squeeze(-1)
-    logp = py.log()
+    logp = py.log() - p.sum(-1).log()
     bad = py < _TINY
     if bool(bad.any()):
         rows = bad.nonzero().squeeze(-1)
@@ -208,7 +216,7 @@ def logprobs_fwd(
     for sl, z in ch:
         u = ch.tempered(z)
         spare = ch.scratch(2, z.shape[0]) if return_entropy else None
-        lp, ls, h = logp_rows(u, safe[sl].unsqueeze(-1), ch.out(u, z), spare)
+        lp, ls, h = logp_rows(u, safe[sl].unsqueeze(-1), ch.out(u, z), spare, ch.u_again(z))
         logp[sl], lse[sl] = lp, ls
         if return_entropy:
             ent[sl] = h
@@ -276,7 +284,7 @@ def loss_fwd(x3: Tensor, labels: Tensor, tau: float, loss: "TokenLoss", need_gra
         idx = labels[sl].unsqueeze(-1)
         u = ch.tempered(z, keep_tanh=need_grad)
         if not need_grad:
-            total += loss.part(torch.log_softmax(u, -1, out=ch.out(u, z)).gather(-1, idx).squeeze(-1), sl)
+            total += loss.part(logp_rows(u, idx, ch.out(u, z), None, ch.u_again(z))[0], sl)
             continue
         uy = u.gather(-1, idx).squeeze(-1)
         p = torch.softmax(u, -1, out=gflat[sl] if direct else ch.out(u, z))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from parity import BACKENDS, DEVICE, FP32_ATOL, HAS_TRITON, LOWP, apa_targets, assert_no_worse_than_eager, labels, logits, rounding_margin
+from parity import (BACKENDS, DEVICE, FP32_ATOL, HAS_TRITON, LOWP, apa_targets, assert_no_worse_than_eager, labels, logits,
+                    max_err, rounding_margin)
 
 import apa_fast
 from apa_fast import reference
@@ -124,6 +125,34 @@ def test_vocab_above_65536(backend):
     lr, hr = reference.token_logprobs(x.double(), y, return_entropy=True)
     torch.testing.assert_close(lp.double(), lr, atol=FP32_ATOL, rtol=0)
     torch.testing.assert_close(h.double(), hr, atol=1e-4, rtol=0)  # entropy ~ log V ~ 11: fp32 sum of V terms
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])  # triton at this V: tests/test_gemma_vocab.py
+def test_fp32_large_vocab_one_dominant_logit(backend):
+    """V = 262,144 (Gemma 3), one logit 20 above the rest in each row, as in a confident model's rows. ATen's CPU
+    (log_)softmax sums exp in fp32 lanes and was up to ~7e-5 off here: every path, from logits and from hidden
+    states, log-probs alone, with entropy and inside a loss, must stay within FP32_ATOL of float64."""
+    V, top = 262_144, 7
+    x = logits((4, V))
+    x[:, top] += 20.0
+    y = torch.tensor([top, top, 3, V - 1], device=DEVICE)
+    lr, hr = reference.token_logprobs(x.double(), y, return_entropy=True)
+    lp, h = apa_fast.token_logprobs(x, y, return_entropy=True, backend=backend)
+    hid = torch.eye(4, 16, dtype=torch.float64, device=DEVICE)  # z = x exactly: W's first 4 columns are x's rows
+    w = torch.zeros(V, 16, dtype=torch.float64, device=DEVICE)
+    w[:, :4] = x.double().T
+    hid, w = hid.float(), w.float()
+    loss = apa_fast.losses.apa_token_loss(lr - 1.0, torch.zeros_like(lr), torch.ones_like(y, dtype=torch.bool), lam=1.0)
+    got = {"logp": apa_fast.token_logprobs(x, y, backend=backend), "logp with entropy": lp,
+           "linear logp": apa_fast.linear_token_logprobs(hid, w, y, backend=backend),
+           "linear logp with entropy": apa_fast.linear_token_logprobs(hid, w, y, return_entropy=True, backend=backend)[0]}
+    if backend == "torch":  # the fused loss paths (reference composes the above)
+        got["linear loss scores"] = apa_fast.linear_token_loss(hid, w, y, loss, backend=backend, return_scores=True)[1]
+    for name, v in got.items():
+        assert v.max().item() <= 0.0 and max_err(v, lr) <= FP32_ATOL, f"{name}: error {max_err(v, lr):.2e}"
+    assert max_err(h, hr) <= FP32_ATOL
+    # L = mean((logp - (lr - 1))^2) = mean((1 + err)^2): its error is about twice the log-probs'
+    assert abs(apa_fast.token_loss(x, y, loss, backend=backend).item() - 1.0) <= 2 * FP32_ATOL + 1e-6
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
