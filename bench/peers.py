@@ -23,6 +23,11 @@ patch (job a's GPT-J) TRL runs with nothing applied, which the row records (``li
 - ``c``: PPO/APA with a critic. TRL 1.x ships no PPO trainer (``trl.experimental.ppo`` and ``trl.PPOTrainer``
   are gone), so the TRL row records that and apa-fast's APA (separate critic, GAE) and PPO run alone on the
   offline task as shipped (64 prompts x 1, 2 epochs x 2 minibatches of 32).
+- ``d``: a real model, SmolLM2-135M-Instruct (``--model smollm2-135m-instruct``, dequantized from its GGUF) with
+  LoRA rank 8 (alpha 16, no dropout) on every Linear of its blocks (``LORA_TARGETS``) on both sides, the chat-sums
+  task (``train/data/chat_sums_train.jsonl``: chat messages through the model's chat template; TRL gets them as its
+  conversational ``prompt`` column; ``train.tasks.chat_sums:reward``), GRPO, 4 prompts x 4 samples, temperature
+  0.7, at most 8 new tokens, one gradient step per iteration: the setting of ``train.experiments.real_model``.
 
 How the settings map (TRL's ``GRPOConfig`` / ``train.run`` flags), read off TRL's ``GRPOTrainer`` source:
 
@@ -84,6 +89,7 @@ import importlib.metadata as md
 import importlib.util
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -96,6 +102,8 @@ from . import trainer as bt
 
 RESULTS = os.path.join(bt.ROOT, "bench", "results")
 REWARD = "train.tasks.offline:arith_reward"
+CHAT_REWARD = "train.tasks.chat_sums:reward"
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # every Linear of a Llama block
 
 
 @dataclass(frozen=True)
@@ -104,7 +112,7 @@ class Job:
 
     name: str
     title: str
-    model: str  # "offline" (the warmed-up tiny GPT-J) or "llama160m"
+    model: str  # "offline" (the warmed-up tiny GPT-J), "llama160m" or "smollm2" (SmolLM2-135M-Instruct, GGUF preset)
     algo: str  # grpo (both), or apa / ppo (apa-fast only: TRL has no PPO trainer)
     prompts: int  # per iteration
     samples: int  # per prompt
@@ -116,12 +124,17 @@ class Job:
     beta: float = 0.04  # GRPO's KL coefficient (k3 in the loss)
     steps: int = 8  # iterations per run unless --steps (the first is left out)
     quick_steps: int = 2  # --quick: one warm-up iteration and the rest measured (3 for the sub-second iterations)
+    task: str = "arith"  # "arith": plain-string sums (REWARD); "chat": the chat-sums task's messages (CHAT_REWARD)
+    temperature: float = 1.0
+    lora_rank: int = 0  # > 0: LoRA of this rank (alpha 2R, no dropout) on LORA_TARGETS, on both sides
 
 
 JOBS = {
     "a": Job("a", "offline arithmetic, tiny GPT-J, GRPO 16x4", "offline", "grpo", 16, 4, 16, 2, 4, quick_steps=4),
     "b": Job("b", "Llama 12x768 V=50,400 (~162M), GRPO 8x4, 64 tokens", "llama160m", "grpo", 8, 4, 8, 1, 64, 64,
              lr=1e-6, steps=3),
+    "d": Job("d", "SmolLM2-135M-Instruct, LoRA r8, chat sums, GRPO 4x4", "smollm2", "grpo", 4, 4, 4, 1, 8, lr=1e-4,
+             steps=6, quick_steps=2, task="chat", temperature=0.7, lora_rank=8),
     "c": Job("c", "offline arithmetic, tiny GPT-J, PPO/APA with a critic, 64x1", "offline", "ppo", 64, 1, 32, 2, 4,
              quick_steps=4),
 }
@@ -130,15 +143,33 @@ JOBS = {
 def model_dir(job: Job) -> str:
     if job.model == "llama160m":
         return bt.llama_160m_model()
+    if job.model == "smollm2":
+        from train.gguf import resolve_model
+
+        return resolve_model("smollm2-135m-instruct")
     from train.tasks import offline
 
     return str(offline.warmed_up_model())
 
 
-def dataset_file() -> str:
-    from train.tasks import offline
+def dataset_file(job: Job) -> str:
+    from train.tasks import chat_sums, offline
 
-    return str(offline.DATA_DIR / "arith_prompts.jsonl")
+    return str(chat_sums.TRAIN_FILE if job.task == "chat" else offline.DATA_DIR / "arith_prompts.jsonl")
+
+
+def task_flags(job: Job) -> list[str]:
+    """``train.run``'s model, data and reward flags for the job (LoRA included)."""
+    if job.task != "chat":
+        flags = bt.offline_task_flags(model_dir(job))
+    else:
+        from train.tasks import chat_sums
+
+        flags = ["--model", model_dir(job), "--dataset", dataset_file(job), "--prompt-column", chat_sums.PROMPT_COLUMN,
+                 "--reward-model", CHAT_REWARD, "--max-prompt-len", "64"]
+    if job.lora_rank:
+        flags += ["--lora-rank", str(job.lora_rank), "--lora-targets", LORA_TARGETS]
+    return flags
 
 
 # TRL's rows: name -> GRPOConfig fields set on top of the matched settings (trl_worker)
@@ -175,15 +206,17 @@ def _env(threads: int) -> dict:
 def run_apa(job: Job, steps: int, threads: int, algo: str | None = None) -> dict:
     """``python -m train.run`` on the job (apa-fast's GRPO, or ``algo``)."""
     algo = algo or job.algo
-    flags = bt.offline_task_flags(model_dir(job)) + [
+    flags = task_flags(job) + [
         "--algo", algo, "--samples-per-prompt", str(job.samples), "--batch-size", str(job.prompts),
         "--minibatch-size", str(job.minibatch), "--epochs", str(job.epochs), "--lr", str(job.lr),
         "--lr-schedule", "constant", "--max-new-tokens", str(job.max_new_tokens), "--min-new-tokens", str(job.min_new_tokens),
-        "--threads", str(threads), "--precision", "fp32", "--attn", "sdpa", "--temperature", "1.0",
+        "--threads", str(threads), "--precision", "fp32", "--attn", "sdpa", "--temperature", str(job.temperature),
         "--save-every", "0", "--weight-decay", "0", "--max-grad-norm", "1.0", "--seed", "0"]
     if algo == "grpo":
         flags += ["--kl-loss-coef", str(job.beta)]
     res = bt.run_one("auto", steps, flags, env=_env(threads))
+    with open(os.path.join(res["out"], "stdout.log")) as f:
+        m = re.search(r"([\d.]+)M trainable parameters", f.read())
     shutil.rmtree(res["out"], ignore_errors=True)  # checkpoints of a 162M model: not worth keeping
     if "rows" not in res:
         return {"error": res.get("error", "")[-600:], "command": res["command"]}
@@ -192,12 +225,12 @@ def run_apa(job: Job, steps: int, threads: int, algo: str | None = None) -> dict
     phases = {k: statistics.median(r[f"time_{k}"] for r in rows[1:] or rows)
               for k in ("rollout", "score", "experience", "update")}
     return {"iterations": per_iter, "peak_rss_gb": max(r["max_rss_gb"] for r in rows), "phases_s": phases,
-            "command": "python " + res["command"]}
+            "trainable_m": float(m.group(1)) if m else None, "command": "python " + res["command"]}
 
 
 def run_trl(job: Job, steps: int, threads: int, config: dict | None = None) -> dict:
     """TRL's GRPOTrainer on the job, in a child process (``--trl-worker``); ``config``: GRPOConfig fields on top."""
-    spec = dict(job=asdict(job), steps=steps, threads=threads, model=model_dir(job), dataset=dataset_file(),
+    spec = dict(job=asdict(job), steps=steps, threads=threads, model=model_dir(job), dataset=dataset_file(job),
                 config=config or {})
     with tempfile.TemporaryDirectory(prefix="apa-bench-trl-") as tmp:
         out = os.path.join(tmp, "result.json")
@@ -236,12 +269,15 @@ def trl_worker(spec: dict) -> dict:
     from train.metrics import peak_rss_gb
 
     job = Job(**spec["job"])
-    mod, fn = REWARD.split(":")
+    chat = job.task == "chat"
+    mod, fn = (CHAT_REWARD if chat else REWARD).split(":")
     reward = getattr(importlib.import_module(mod), fn)
     gen_tokens: list[int] = []  # completion tokens per generation batch (one reward call each)
 
-    def arith_reward(prompts, completions, completion_ids, **_):
+    def task_reward(prompts, completions, completion_ids, **_):
         gen_tokens.append(sum(len(c) for c in completion_ids))  # up to and including the first EOS
+        if chat:  # conversational: prompts are message lists, completions [{"role": "assistant", "content": ...}]
+            return reward([""] * len(prompts), [c[-1]["content"] for c in completions], messages=prompts)
         return reward(prompts, completions)
 
     steps_per_gen = job.prompts // job.minibatch
@@ -275,18 +311,30 @@ def trl_worker(spec: dict) -> dict:
             max_steps=spec["steps"] * per_iter, learning_rate=job.lr, lr_scheduler_type="constant",
             weight_decay=0.0, max_grad_norm=1.0, per_device_train_batch_size=job.minibatch * job.samples,
             gradient_accumulation_steps=1, steps_per_generation=steps_per_gen, num_generations=job.samples,
-            num_iterations=job.epochs, max_completion_length=job.max_new_tokens, temperature=1.0, top_p=1.0,
+            num_iterations=job.epochs, max_completion_length=job.max_new_tokens, temperature=job.temperature, top_p=1.0,
             top_k=0, generation_kwargs={"min_new_tokens": job.min_new_tokens} if job.min_new_tokens else None,
             beta=job.beta, epsilon=0.2, loss_type="dapo", scale_rewards="group", use_bias_correction_kl=False,
             model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"}, **extra,
         )
         tok = AutoTokenizer.from_pretrained(spec["model"])
         ds = load_dataset("json", data_files=spec["dataset"], split="train")
+        peft_config = None
+        if chat:
+            from train.tasks import chat_sums
+
+            ds = ds.rename_column(chat_sums.PROMPT_COLUMN, "prompt")  # TRL's conversational prompt column
+        if job.lora_rank:
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(r=job.lora_rank, lora_alpha=2 * job.lora_rank, lora_dropout=0.0,
+                                     target_modules=LORA_TARGETS.split(","), task_type="CAUSAL_LM")
         timer = IterationTimer()
-        trainer = GRPOTrainer(model=spec["model"], reward_funcs=arith_reward, args=args, train_dataset=ds,
-                              processing_class=tok, callbacks=[timer])
+        trainer = GRPOTrainer(model=spec["model"], reward_funcs=task_reward, args=args, train_dataset=ds,
+                              processing_class=tok, callbacks=[timer], peft_config=peft_config)
         trainer.train()
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) / 1e6
     out = {"iterations": list(zip(gen_tokens, timer.times)), "peak_rss_gb": peak_rss_gb(), "config": extra,
+           "trainable_m": round(trainable, 2),
            "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                              else trainer.optimizer).__name__ + f" ({args.optim})"}
     if liger_applied is not None:
@@ -424,7 +472,7 @@ def markdown(rows: list[dict]) -> str:
         tgt = ""
         if "speed_vs_best_trl" in r:
             tgt = f"speed >= 1.5x: {'met' if r['speed_vs_best_trl'] >= 1.5 else 'NOT met'}"
-            if r["job"] == "b":
+            if r["job"] in ("b", "d"):  # the larger jobs
                 tgt += f"; RSS <= 0.8x: {'met' if r['rss_vs_best_trl'] <= 0.8 else 'NOT met'}"
         lines.append(f"| {r['job']} | {r['impl']} | {r['tokens_per_s']:,.1f} ({rng}) | {r['peak_rss_gb']:.2f} | "
                      f"{sp} | {mem} | {tgt} |")
@@ -497,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
            "settings": {"steps": steps or {j.name: j.quick_steps if a.quick else j.steps for j in jobs},
                         "repeats": repeats, "threads": a.threads, "precision": "fp32", "quick": a.quick,
                         "trl_rows": {k: v for k, v in TRL_ROWS.items() if only is None or k in only},
-                        "attention": "sdpa", "jobs": {j.name: asdict(j) for j in jobs}, "reward": REWARD,
+                        "attention": "sdpa", "jobs": {j.name: asdict(j) for j in jobs},
+                        "reward": {j.name: CHAT_REWARD if j.task == "chat" else REWARD for j in jobs},
                         "tokens": "completion tokens up to and including the first EOS (no padding), iterations 2..K",
                         "peak_rss": "VmHWM of the training process"},
            "rows": rows}

@@ -236,7 +236,7 @@ def figure(device: str, quick: bool = True, steps: int | None = None, extra: lis
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)  # the rest goes to train.run
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default=None)
     ap.add_argument("--vocab", type=int, default=0,

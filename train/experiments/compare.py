@@ -20,7 +20,7 @@ from ..metrics import plot_runs, read_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.experiments.compare", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m train.experiments.compare", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/compare", help="directory for the three runs and compare.png")
     ap.add_argument("--algos", default="apa,ppo,awr", help="comma-separated algorithms to run")

@@ -87,7 +87,7 @@ def plot(results: list[dict], png: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.experiments.real_model", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m train.experiments.real_model", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/real-model", help="experiment directory (runs, results)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)}")

@@ -223,7 +223,7 @@ def run_cmd(arm: Arm, value: float, seed: int, steps: int, extra: list[str]) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.experiments.sweep", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m train.experiments.sweep", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/sweep", help="sweep directory (runs, figures, results)")
     ap.add_argument("--quick", action="store_true", help=f"a reduced grid: {QUICK}")
