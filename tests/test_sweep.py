@@ -155,3 +155,18 @@ def test_matched_kl_levels_need_two_algorithms():
     agg = [row("apa", 0.15), row("apa", 1.2), row("ppo", 0.4), row("ppo", 2.5), row("awr", 4.0)]
     # 0.5, 0.75 and 1.0 lie in both APA's [0.15, 1.2] and PPO's [0.4, 2.5]; 0.2 only in APA's, 3.0 only in none twice
     assert sweep.matched_kl_levels(agg) == [0.5, 0.75, 1.0]
+
+
+def test_real_model_learning_rates_per_method(tmp_path, capsys):
+    """``--lr`` of the real-model comparison: one value for all, or a default and per-method values (the searched
+    ones); a bad one is one line naming the flag, before any run starts."""
+    from train.experiments import real_model
+
+    assert real_model.method_lrs("1e-4", ["apa-group", "ppo"]) == {"apa-group": [1e-4], "ppo": [1e-4]}
+    assert real_model.method_lrs("1e-4,apa-gae=2e-4", ["apa-gae", "grpo"]) == {"apa-gae": [2e-4], "grpo": [1e-4]}
+    for bad, says in [("apa=1e-4", "unknown method 'apa'"), ("grpo=1e-4", "no learning rate for ['apa-group'"),
+                      ("fast", "could not convert")]:
+        assert real_model.main(["--lr", bad, "--methods", "apa-group,grpo", "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --lr: ") and says in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())

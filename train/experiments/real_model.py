@@ -86,6 +86,22 @@ def plot(results: list[dict], png: Path) -> None:
     plt.close(fig)
 
 
+def method_lrs(spec: str, methods: list[str]) -> dict[str, list[float]]:
+    """``1e-4`` (every method) or ``1e-4,apa-gae=2e-4`` (a default, then per-method values) -> {method: [lr]}."""
+    default, per = None, {}
+    for item in spec.split(","):
+        name, _, value = item.rpartition("=")
+        if name and name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; choose from {list(METHODS)}")
+        if name:
+            per[name] = float(value)
+        else:
+            default = float(value)
+    if missing := [m for m in methods if m not in per and default is None]:
+        raise ValueError(f"no learning rate for {missing}: give a default (e.g. 1e-4,apa-gae=2e-4)")
+    return {m: [per.get(m, default)] for m in methods}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.experiments.real_model", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)}")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     ap.add_argument("--steps", type=int, default=30, help="iterations per run (the budget)")
-    ap.add_argument("--lr", default="1e-4", help="learning rate of every method")
+    ap.add_argument("--lr", default="1e-4", help="learning rate of every method, or per method: "
+                                                 "1e-4,apa-gae=2e-4 (the searched ones)")
     ap.add_argument("--search-lr", default="", metavar="LRS", help="comma-separated learning rates, each run per method")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (each a 1-thread process)")
     ap.add_argument("--report-only", action="store_true", help="only aggregate the runs of the grid that are DONE")
@@ -102,9 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := [m for m in methods if m not in METHODS]:
         print(f"error: --methods: unknown {unknown}; choose from {list(METHODS)}", file=sys.stderr)
         return 2
-    lrs = [float(x) for x in (args.search_lr or args.lr).split(",")]
+    try:
+        grid_lrs = [float(x) for x in args.search_lr.split(",")] if args.search_lr else None
+        lrs = {m: grid_lrs for m in methods} if grid_lrs else method_lrs(args.lr, methods)
+    except ValueError as e:
+        print(f"error: {'--search-lr' if args.search_lr else '--lr'}: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out)
-    grid = [(m, lr, int(s)) for m in methods for lr in lrs for s in args.seeds.split(",")]
+    grid = [(m, lr, int(s)) for m in methods for lr in lrs[m] for s in args.seeds.split(",")]
     todo = [(out / "runs" / f"{m}-lr{lr:g}-s{s}",
              [sys.executable, "-m", "train.run", *BASE, *METHODS[m], "--lr", f"{lr:g}", "--seed", str(s),
               "--steps", str(args.steps), "--eval-every", str(args.steps), "--threads", "1", "--no-progress",
