@@ -1,8 +1,8 @@
 """``python -m train.experiments.real_model``: SmolLM2-135M-Instruct (LoRA) on the chat-sums task, one budget, several
 methods and seeds; held-out accuracy before and after, KL to the initial policy, entropy, tokens/s, peak RSS.
 
-    python -m train.experiments.real_model --methods apa-group,apa-gae,grpo,ppo --seeds 0,1,2
     python -m train.experiments.real_model --search-lr 5e-5,1e-4,2e-4 --seeds 100    # the learning-rate search
+    python -m train.experiments.real_model --lr 1e-4,apa-gae=2e-4,ppo=2e-4 --seeds 0,1,2   # each at its searched lr
 
 Every run is the README's command (``BASE``, ``--algo apa --advantage group --critic none``) with the method's flags;
 each is its own ``python -m train.run`` process (``train/experiments/jobs.py``), resumable, marked ``DONE`` when
