@@ -102,7 +102,6 @@ from . import trainer as bt
 
 RESULTS = os.path.join(bt.ROOT, "bench", "results")
 REWARD = "train.tasks.offline:arith_reward"
-CHAT_REWARD = "train.tasks.chat_sums:reward"
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # every Linear of a Llama block
 
 
@@ -124,7 +123,7 @@ class Job:
     beta: float = 0.04  # GRPO's KL coefficient (k3 in the loss)
     steps: int = 8  # iterations per run unless --steps (the first is left out)
     quick_steps: int = 2  # --quick: one warm-up iteration and the rest measured (3 for the sub-second iterations)
-    task: str = "arith"  # "arith": plain-string sums (REWARD); "chat": the chat-sums task's messages (CHAT_REWARD)
+    task: str = "arith"  # "arith": plain-string sums (REWARD); "chat": train.tasks.chat_sums (messages, its checker)
     temperature: float = 1.0
     lora_rank: int = 0  # > 0: LoRA of this rank (alpha 2R, no dropout) on LORA_TARGETS, on both sides
 
@@ -165,8 +164,7 @@ def task_flags(job: Job) -> list[str]:
     else:
         from train.tasks import chat_sums
 
-        flags = ["--model", model_dir(job), "--dataset", dataset_file(job), "--prompt-column", chat_sums.PROMPT_COLUMN,
-                 "--reward-model", CHAT_REWARD, "--max-prompt-len", "64"]
+        flags = ["--model", model_dir(job), *chat_sums.flags()]
     if job.lora_rank:
         flags += ["--lora-rank", str(job.lora_rank), "--lora-targets", LORA_TARGETS]
     return flags
@@ -270,7 +268,9 @@ def trl_worker(spec: dict) -> dict:
 
     job = Job(**spec["job"])
     chat = job.task == "chat"
-    mod, fn = (CHAT_REWARD if chat else REWARD).split(":")
+    from train.tasks import chat_sums
+
+    mod, fn = (chat_sums.REWARD if chat else REWARD).split(":")
     reward = getattr(importlib.import_module(mod), fn)
     gen_tokens: list[int] = []  # completion tokens per generation batch (one reward call each)
 
@@ -320,8 +320,6 @@ def trl_worker(spec: dict) -> dict:
         ds = load_dataset("json", data_files=spec["dataset"], split="train")
         peft_config = None
         if chat:
-            from train.tasks import chat_sums
-
             ds = ds.rename_column(chat_sums.PROMPT_COLUMN, "prompt")  # TRL's conversational prompt column
         if job.lora_rank:
             from peft import LoraConfig
@@ -532,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         steps, repeats = 2, 1
     import torch
 
+    from train.tasks import chat_sums
+
     from .machine import describe
 
     t0 = time.time()
@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                         "repeats": repeats, "threads": a.threads, "precision": "fp32", "quick": a.quick,
                         "trl_rows": {k: v for k, v in TRL_ROWS.items() if only is None or k in only},
                         "attention": "sdpa", "jobs": {j.name: asdict(j) for j in jobs},
-                        "reward": {j.name: CHAT_REWARD if j.task == "chat" else REWARD for j in jobs},
+                        "reward": {j.name: chat_sums.REWARD if j.task == "chat" else REWARD for j in jobs},
                         "tokens": "completion tokens up to and including the first EOS (no padding), iterations 2..K",
                         "peak_rss": "VmHWM of the training process"},
            "rows": rows}

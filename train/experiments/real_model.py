@@ -21,11 +21,9 @@ from ..metrics import read_metrics
 from ..tasks import chat_sums
 from .jobs import run_jobs
 
-BASE = ["--model", "smollm2-135m-instruct", "--dataset", str(chat_sums.TRAIN_FILE),
-        "--eval-dataset", str(chat_sums.EVAL_FILE), "--prompt-column", chat_sums.PROMPT_COLUMN,
-        "--reward-model", "train.tasks.chat_sums:reward", "--lora-rank", "8", "--samples-per-prompt", "4",
-        "--batch-size", "4", "--minibatch-size", "4", "--epochs", "1", "--temperature", "0.7", "--max-new-tokens", "8",
-        "--max-prompt-len", "64", "--eval-k", "4", "--lr-schedule", "constant"]
+BASE = ["--model", "smollm2-135m-instruct", *chat_sums.flags(), "--eval-dataset", str(chat_sums.EVAL_FILE),
+        "--lora-rank", "8", "--samples-per-prompt", "4", "--batch-size", "4", "--minibatch-size", "4", "--epochs", "1",
+        "--temperature", "0.7", "--max-new-tokens", "8", "--eval-k", "4", "--lr-schedule", "constant"]
 METHODS = {
     "apa-group": ["--algo", "apa", "--advantage", "group", "--critic", "none"],  # critic-free APA
     "apa-gae": ["--algo", "apa", "--advantage", "gae", "--critic", "shared"],  # the paper's: GAE, a value head

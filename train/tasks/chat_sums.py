@@ -23,6 +23,14 @@ from ..config import DATA_DIR
 TRAIN_FILE = DATA_DIR / "chat_sums_train.jsonl"
 EVAL_FILE = DATA_DIR / "chat_sums_eval.jsonl"
 PROMPT_COLUMN = "messages"
+REWARD = "train.tasks.chat_sums:reward"  # ``reward`` below, as ``--reward-model`` names it
+
+
+def flags() -> list[str]:
+    """``train.run``'s flags for this task: its train file, prompt column, checker and the calibrated prompt length
+    (SmolLM2's chat template adds a default system prompt: 64 tokens hold it)."""
+    return ["--dataset", str(TRAIN_FILE), "--prompt-column", PROMPT_COLUMN, "--reward-model", REWARD,
+            "--max-prompt-len", "64"]
 
 # end-of-turn / end-of-text tokens of common chat templates; a completion is read up to the first of them
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>", "<eos>")
