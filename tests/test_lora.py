@@ -151,3 +151,56 @@ def test_lora_without_peft_is_one_line(tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "--lora-rank needs peft" in p.stderr and ".[lora]" in p.stderr
+
+
+def test_fused_lora_linear_gradients_against_float64_finite_differences():
+    from train.lora import LoRALinear
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b, a, bb = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+                      for s in ((2, 3, 5), (7, 5), (7,), (2, 5), (7, 2)))
+    assert torch.autograd.gradcheck(lambda *t: LoRALinear.apply(*t, 0.7), (x, w, b, a, bb))
+    ref = x @ w.T + b + 0.7 * (x @ a.T) @ bb.T
+    torch.testing.assert_close(LoRALinear.apply(x, w, b, a, bb, 0.7), ref, rtol=1e-14, atol=1e-14)
+    # the trainer's case: a frozen base without bias, only x and the adapters differentiated
+    w0 = w.detach()
+    assert torch.autograd.gradcheck(lambda x_, a_, b_: LoRALinear.apply(x_, w0, None, a_, b_, 2.0), (x, a, bb))
+
+
+def test_fused_lora_gives_peft_results_and_gradients(tiny, tmp_path):
+    """The trainer routes plain adapters through train.lora.LoRALinear; against peft's own forward (the instance's
+    forward removed) on the trained adapters: the same log-probs and adapter gradients (float32, a different order of
+    the same sums), and the adapters still switch off for the initial policy."""
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    cfg, d, m, b = _trained(tiny, tmp_path)
+    layers = [x for x in m.policy.modules() if type(x) is PeftLinear]
+    assert layers and all("forward" in vars(x) for x in layers)  # every adapted layer fused
+
+    def run():
+        m.policy.zero_grad(set_to_none=True)
+        lp = logprobs(m.policy, b.batch)
+        (lp * b.mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in m.policy.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            off = logprobs(m.ref, b.batch)
+        return lp.detach(), grads, off
+
+    fused = run()
+    for x in layers:
+        del x.forward  # peft's class forward again
+    peft_ = run()
+    torch.testing.assert_close(fused[0], peft_[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[2], peft_[2], rtol=0, atol=0)  # adapters off: the base layers alone, both ways
+    assert fused[1].keys() == peft_[1].keys() and any(".lora_A." in k for k in fused[1])
+    for k in fused[1]:
+        torch.testing.assert_close(fused[1][k], peft_[1][k], rtol=1e-4, atol=1e-5 * float(peft_[1][k].abs().max()),
+                                   msg=k)
+
+
+def test_lora_dropout_keeps_peft_forward(tiny, tmp_path):
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    m = M.build_models(cfg_for(tiny, tmp_path / "o", *LORA, "--lora-dropout", "0.1"), D.Dist(), print)
+    layers = [x for x in m.policy.modules() if type(x) is PeftLinear]
+    assert layers and not any("forward" in vars(x) for x in layers)

@@ -47,9 +47,9 @@ def full(tiny, tmp_path_factory) -> list[dict]:
     return metric_rows(out)
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "train.run", *args], cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def _start(args: list[str], **extra_env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "train.run", *args], cwd=REPO, env={**env(), **extra_env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_rows(out: Path, n: int, proc: subprocess.Popen, timeout: float = 90) -> None:
@@ -81,10 +81,13 @@ def _latest(out: Path) -> str:
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_finishes_the_iteration_saves_and_resumes_exactly(tiny, tmp_path, full, sig, code):
-    out = tmp_path / "run"
-    proc = _start(_args(tiny, out, "slow_reward", "--save-every", "4"))
+    out, gate = tmp_path / "run", tmp_path / "gate"
+    # iteration 2 waits in its reward until the gate opens: the signal lands in it however late this test gets the CPU
+    proc = _start(_args(tiny, out, "gated_reward", "--save-every", "4"), APA_TEST_GATE=str(gate))
     _wait_rows(out, 1, proc)
     proc.send_signal(sig)
+    time.sleep(0.2)
+    gate.touch()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     name = sig.name
@@ -92,7 +95,7 @@ def test_a_signal_finishes_the_iteration_saves_and_resumes_exactly(tiny, tmp_pat
     assert len(lines) == 2, err
     k = int(re.fullmatch(rf"{name}: finishing iteration (\d+), then saving a checkpoint and stopping \(send it again to "
                          r"stop at once, losing that iteration\)", lines[0]).group(1))
-    assert 1 <= k < 6
+    assert k == 2
     assert lines[1] == (f"stopped by {name} after iteration {k} of 6: saved {out}/checkpoints/step_{k:06d}; continue "
                         f"with --resume {out}")
     # nothing lost: the finished iteration's row and its checkpoint, nothing half-written

@@ -402,6 +402,22 @@ def slow_reward(prompts, completions, **_):
     return digit_reward(prompts, completions)
 
 
+_GATE_CALLS = [0]
+
+
+def gated_reward(prompts, completions, **_):
+    """digit_reward; from its second call on it first waits (up to 60 s) for the file ``$APA_TEST_GATE``: a test
+    signals the run while iteration 2 is held there, however late the test itself gets the CPU."""
+    import time
+
+    _GATE_CALLS[0] += 1
+    gate = os.environ.get("APA_TEST_GATE")
+    t0 = time.time()
+    while gate and _GATE_CALLS[0] >= 2 and not os.path.exists(gate) and time.time() - t0 < 60:
+        time.sleep(0.01)
+    return digit_reward(prompts, completions)
+
+
 SEEN: list[str] = []  # the prompts recording_reward was given (in-process runs)
 
 

@@ -58,8 +58,15 @@ def update(m: Models, b: Experience, cfg: Config, d: Dist, opt: torch.optim.Opti
             if j:  # the last micro-batch's activations, freed by its backward, would stay resident under these
                 release_freed_memory()
             mb = b.rows(rows)
+            n_local = float(mb.mask.sum())
+            # each rank's loss is a mean over its own tokens; FSDP averages gradients over ranks, so this scale makes
+            # the step sum(token losses) / n_global, the same for any number of ranks and micro-batches
+            scale = n_local * d.world / n_global if n_global > 0 else 0.0
             out = m.policy(mb.batch, values=cfg.critic == "shared")  # hidden states (B, R, H), head, values
             l_pi, h, W, y = policy_token_loss(cfg, mb), out.hidden, out.head.weight, mb.batch.response
+            # the scale inside the policy loss (its normaliser): the fused op then gets an upstream gradient of 1
+            # and hands its gradients over as formed, with no (V x H) multiply by the scale
+            l_pi.n = n_global / d.world if n_global > 0 else 1.0
             if b.on_policy:  # this forward is the behaviour policy: keep its log-probs and entropy
                 pg, logp, H = apa_fast.linear_token_loss(h, W, y, l_pi, return_scores=True, **out.head.kw)
                 kept.append((rows, logp, H))
@@ -70,12 +77,9 @@ def update(m: Models, b: Experience, cfg: Config, d: Dist, opt: torch.optim.Opti
                 V = out.values if out.values is not None else m.critic(mb.batch)
                 clip = dict(old_values=mb.values, clip=cfg.value_clip) if cfg.algo == "ppo" else {}
                 vf = apa_fast.value_loss(V, mb.returns, mb.mask, **clip)
-            loss = pg + cfg.vf_coef * vf
-            # each rank's loss is a mean over its own tokens; FSDP averages gradients over ranks, so this scale makes
-            # the step sum(token losses) / n_global, the same for any number of ranks and micro-batches
-            n_local = float(mb.mask.sum())
-            (loss * (n_local * d.world / n_global if n_global > 0 else 0.0)).backward()
-            for k, v in (("loss", loss), ("policy_loss", pg), ("value_loss", vf)):
+            (pg + cfg.vf_coef * scale * vf).backward()
+            pg = pg.detach() / scale if scale > 0 else pg.detach()  # back to the mean over this micro-batch
+            for k, v in (("loss", pg + cfg.vf_coef * vf), ("policy_loss", pg), ("value_loss", vf)):
                 sums[k] += float(v.detach()) * n_local
         if kept:  # back in row order; later epochs take these as logp_old
             rows, logp, H = (torch.cat(x) for x in zip(*kept))

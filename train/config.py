@@ -136,7 +136,8 @@ class Config:
                            "--unfrozen-layers N >= 0 only the top N blocks get adapters (default with LoRA: all)")
     fused_layers: bool = _f(True, "gated MLPs and RMSNorms of the trained models (Llama-style) computed by "
                             "functions that keep only their inputs and the MLP's two projections for backward (same "
-                            "results; about a quarter less activation memory in the update; train.activations)")
+                            "results; about a quarter less activation memory in the update; train.activations), and "
+                            "LoRA adapters as one op each (train.lora)")
     precision: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16'",
                         choices=["auto", "fp32", "bf16"])
     kernel_backend: str = _f("auto", "log-prob/APA kernels from hidden states: auto | torch | triton | reference "

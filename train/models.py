@@ -11,7 +11,6 @@ method so that sampling sees whole weights too.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ import apa_fast
 
 from .activations import fuse_layers
 from .errors import LoadError
+from .lora import add_lora, fuse_lora
 from .loading import load_base_model, load_causal_lm, load_tokenizer, resolve_source
 from .records import Batch
 from .rewards import load_reward
@@ -207,45 +207,6 @@ def freeze_bottom(model: Policy | Critic, unfrozen_layers: int) -> None:
             head.requires_grad_(True)
 
 
-def lora_target_names(model: nn.Module, targets: str = "", unfrozen_layers: int = -1) -> list[str]:
-    """Qualified names of the layers LoRA adapts: the Linear (GPT-2: Conv1D) layers inside the transformer blocks
-    (attention and MLP; the top ``unfrozen_layers`` blocks when >= 0), those whose name ends with one of the
-    comma-separated ``targets`` when given. Found in the model itself, so no list of architectures; a target that
-    matches nothing is refused with one line."""
-    from transformers.pytorch_utils import Conv1D
-
-    blocks = list(transformer_blocks(model))
-    if unfrozen_layers >= 0:
-        blocks = blocks[len(blocks) - unfrozen_layers :] if unfrozen_layers > 0 else []
-    prefix = {id(m): n for n, m in model.named_modules()}
-    layers = [f"{prefix[id(b)]}.{n}" for b in blocks for n, m in b.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
-    wanted = [t.strip() for t in targets.split(",") if t.strip()]
-    for t in wanted:
-        if not any(n == t or n.endswith("." + t) for n in layers):
-            short = sorted({n.rsplit(".", 1)[-1] for n in layers})
-            raise LoadError(f"--lora-targets {t!r} matches no Linear layer in the transformer blocks of "
-                            f"{type(model).__name__} (its layers: {', '.join(short) or 'none'}); pass some of those")
-    if wanted:
-        layers = [n for n in layers if any(n == t or n.endswith("." + t) for t in wanted)]
-    if not layers:
-        raise LoadError(f"LoRA finds no Linear layer to adapt in the transformer blocks of {type(model).__name__} "
-                        f"(--unfrozen-layers {unfrozen_layers}); pass --unfrozen-layers -1 or --lora-rank 0")
-    return layers
-
-
-def add_lora(model: nn.Module, cfg, causal_lm: bool) -> nn.Module:
-    """``model`` wrapped by peft with LoRA adapters of rank ``cfg.lora_rank`` on ``lora_target_names``; peft freezes
-    every base weight. An adapter adds ``(alpha / R) * B A x`` with B = 0 at first, so training starts at the base."""
-    from peft import LoraConfig, get_peft_model
-
-    lc = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank, lora_dropout=cfg.lora_dropout,
-                    target_modules=lora_target_names(model, cfg.lora_targets, cfg.unfrozen_layers),
-                    task_type="CAUSAL_LM" if causal_lm else None)
-    with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing: not ours to fix
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        return get_peft_model(model, lc)
-
-
 def shard(model: nn.Module, mesh, mp_policy=None) -> nn.Module:
     """FSDP2, torchtitan style: ``fully_shard`` each transformer block, then the root (which keeps the
     embeddings, the final norm and the heads); a policy's ``generate`` and ``sample`` gather like its forward."""
@@ -333,6 +294,7 @@ def build_models(cfg, d, log) -> Models:
         freeze_bottom(policy, cfg.unfrozen_layers)
     if cfg.fused_layers:
         fuse_layers(policy)
+        fuse_lora(policy)
     policy = place(policy, trainable=True)
 
     ref = None
@@ -352,6 +314,7 @@ def build_models(cfg, d, log) -> Models:
             freeze_bottom(critic, cfg.unfrozen_layers)
         if cfg.fused_layers:
             fuse_layers(critic)
+            fuse_lora(critic)
         critic = place(critic, trainable=True)
 
     def reward(spec: str):

@@ -90,8 +90,7 @@ def filter_logits(z: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
 
 def draw(z: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One token per row from ``softmax(z)`` (B, V) by inverse CDF; entries at -inf are never drawn."""
-    p = torch.softmax(z.float(), -1)
-    c = p.cumsum(-1)
+    c = torch.softmax(z.float(), -1).cumsum_(-1)
     total = c[:, -1:]
     u = torch.rand(total.shape, device=z.device, generator=generator) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total: a token of p > 0
@@ -123,9 +122,11 @@ def sample(body: torch.nn.Module, logits: Callable[[Tensor], Tensor], input_ids:
         z = logits(out.last_hidden_state[:, -1]).float()
         if keep_logits:
             kept.append(z)
+            z = z.clone()
+        # in place from here: each (B, V) temporary would be fresh memory to fault in, every step
         if eos_token_id is not None and t < min_new_tokens:
-            z = z.index_fill(-1, torch.tensor([eos_token_id], device=z.device), float("-inf"))
-        tok = z.argmax(-1) if greedy else draw(filter_logits(z / temperature, top_k, top_p))
+            z.index_fill_(-1, torch.tensor([eos_token_id], device=z.device), float("-inf"))
+        tok = z.argmax(-1) if greedy else draw(filter_logits(z.div_(temperature) if temperature != 1.0 else z, top_k, top_p))
         tok = torch.where(done, pad_token_id, tok)
         tokens.append(tok)
         if eos_token_id is not None:
@@ -142,6 +143,8 @@ def head_logits(head: torch.nn.Linear, scale: float, softcap: float | None) -> C
 
     def f(h: Tensor) -> Tensor:
         z = F.linear(h, head.weight, head.bias).float()
-        return scale * (z if softcap is None else softcap * torch.tanh(z / softcap))
+        if softcap is not None:
+            z = z.div_(softcap).tanh_().mul_(softcap)
+        return z.mul_(scale) if scale != 1.0 else z
 
     return f
